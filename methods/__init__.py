@@ -1,0 +1,31 @@
+"""Method registry. `methods/{multi_steps,single_step,pretrain}/<name>.py` register with `register_method`;
+every module is imported automatically, so dropping a file in registers it."""
+from utils.registry import Registry, UserError, import_submodules
+
+METHODS = Registry("method")
+
+
+def register_method(name: str, config=None):
+    """Register a Method subclass under `name`, with the dataclass declaring its own config keys (or None)."""
+
+    def decorator(cls):
+        method_type = cls.__module__.split(".")[1] if cls.__module__.count(".") >= 2 else None
+        return METHODS.register(name, config=config, method_type=method_type)(cls)
+
+    return decorator
+
+
+def method_config(name: str):
+    """The config dataclass of method `name` (None when it declares no keys of its own)."""
+    return METHODS.meta(name)["config"]
+
+
+def build_method(cfg, data):
+    meta = METHODS.meta(cfg.method)
+    if cfg.method_type and cfg.method_type != meta["method_type"]:
+        raise UserError(f"method '{cfg.method}' is a {meta['method_type']} method, but the config says "
+                        f"method_type: {cfg.method_type}")
+    return METHODS.get(cfg.method)(cfg, data)
+
+
+import_submodules(__name__, __path__)

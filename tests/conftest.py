@@ -1,0 +1,31 @@
+"""Shared test helpers: run main.py in-process on tiny settings and read the files it writes."""
+import glob
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Two tiny digits tasks, one epoch: what every method must survive in the registry-wide tests.
+TINY = ["--device", "cpu", "--seed", "1", "--epochs", "1", "--init_epochs", "1", "--init_cls", "5",
+        "--increment", "5", "--img_size", "16"]
+
+
+@pytest.fixture
+def run_main(tmp_path):
+    """Call main.main(argv) with run output under tmp_path; returns (results.json contents, run folder)."""
+    import main
+
+    def _run(*argv):
+        main.main([*argv, "--log_root", str(tmp_path / "logs")])
+        found = glob.glob(str(tmp_path / "logs" / "**" / "results.json"), recursive=True)
+        assert len(found) == 1, found
+        with open(found[0]) as f:
+            return json.load(f), os.path.dirname(found[0])
+
+    return _run

@@ -1,0 +1,105 @@
+"""DataManager: class order, the split of classes into tasks, and datasets for any set of classes.
+
+Labels are remapped once so that task t holds the contiguous labels [known, total) in the class order.
+Class order: the dataset's own order, or with `shuffle` a permutation drawn from `class_order_seed` (default: the
+run's seed, as in the original). Datasets made of sub-datasets (`task_groups`) keep one task per group; with
+`shuffle` the group order is permuted instead and classes inside a group keep their order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from datasets import DATASETS
+from datasets.base import ImageDataset
+from utils.registry import UserError
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: it adds the classes [known, total) of the remapped label space."""
+
+    index: int
+    known: int
+    total: int
+    n_tasks: int
+
+    @property
+    def classes(self) -> range:
+        return range(self.known, self.total)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+
+def data_root(cfg) -> str:
+    return cfg.data_root or os.environ.get("DATA") or "data"
+
+
+def split_classes(n_classes: int, init_cls: int, increment: int) -> list[int]:
+    """Task sizes: init_cls, then increment per task; the last task takes the remainder."""
+    if init_cls > n_classes:
+        raise UserError(f"init_cls ({init_cls}) is larger than the dataset's {n_classes} classes")
+    steps = [init_cls]
+    while sum(steps) + increment < n_classes:
+        steps.append(increment)
+    if n_classes - sum(steps) > 0:
+        steps.append(n_classes - sum(steps))
+    return steps
+
+
+class DataManager:
+    def __init__(self, cfg, seed: int, single_task: bool = False):
+        self.seed = seed
+        self.spec = DATASETS.get(cfg.dataset)()
+        data = self.spec.load(data_root(cfg))
+        self.img_size = cfg.img_size or self.spec.img_size
+        n = self.spec.n_classes
+        for name, y in (("train", data.train_y), ("test", data.test_y)):
+            if len(y) and (y.min() < 0 or y.max() >= n):
+                raise UserError(f"dataset '{cfg.dataset}': a {name} label lies outside [0, {n})")
+        rng = np.random.RandomState(seed if cfg.class_order_seed is None else cfg.class_order_seed)
+
+        groups = self.spec.task_groups
+        if groups:  # one task per sub-dataset
+            starts = np.cumsum([0] + groups[:-1])
+            group_order = rng.permutation(len(groups)) if cfg.shuffle else np.arange(len(groups))
+            order = np.concatenate([np.arange(starts[g], starts[g] + groups[g]) for g in group_order])
+            steps = [groups[g] for g in group_order]
+        else:
+            order = rng.permutation(n) if cfg.shuffle else np.arange(n)
+            init_cls = cfg.init_cls or self.spec.default_init_cls or cfg.increment
+            increment = cfg.increment or self.spec.default_increment or init_cls
+            if init_cls is None:
+                raise UserError(f"dataset '{cfg.dataset}' needs init_cls and increment")
+            steps = split_classes(n, init_cls, increment)
+        if single_task or not cfg.split_dataset:
+            steps = [n]
+        self.class_order = [int(c) for c in order]
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        self.train_x, self.train_y = data.train_x, rank[data.train_y]
+        self.test_x, self.test_y = data.test_x, rank[data.test_y]
+        names = data.class_names
+        self.class_names = [names[c] for c in order] if names else [str(c) for c in order]
+        bounds = np.cumsum([0] + steps)
+        self.tasks = [Task(i, int(bounds[i]), int(bounds[i + 1]), len(steps)) for i in range(len(steps))]
+        self.n_classes = n
+
+    def class_of_task(self) -> np.ndarray:
+        """task index of every (remapped) class."""
+        return np.repeat(np.arange(len(self.tasks)), [t.total - t.known for t in self.tasks])
+
+    def indices(self, split: str, classes) -> np.ndarray:
+        """Positions of the samples of `classes` in the train or test pool."""
+        y = self.train_y if split == "train" else self.test_y
+        return np.flatnonzero(np.isin(y, np.asarray(list(classes))))
+
+    def dataset(self, split: str, indices: np.ndarray, augment: bool | None = None) -> ImageDataset:
+        """Samples of the train or test pool; `augment` defaults to True for train, False for test."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        augment = (split == "train") if augment is None else augment
+        return ImageDataset(x[indices], y[indices], self.spec.transform(augment, self.img_size), self.spec.use_path)

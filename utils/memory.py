@@ -1,0 +1,112 @@
+"""Exemplar memory: which training samples of each seen class are kept for replay, and class means for NME.
+
+Exemplars are stored as positions in the DataManager's train pool (the pool never changes during a run), in
+priority order, so shrinking a class keeps its best exemplars and the state is a few integer arrays.
+
+Budget: `fixed_memory` keeps `memory_per_class` (default memory_size // number of classes) per class;
+otherwise the total `memory_size` is split evenly over the seen classes and rebalanced after every task.
+Selection (on L2-normalised features of the un-augmented images):
+- herding (Welling 2009, as in iCaRL): greedily add the sample that keeps the exemplar mean closest to the
+  class mean;
+- closest_to_mean: the samples nearest to the class mean;
+- random: a random subset, drawn from a generator seeded by (run seed, class), so resuming redraws the same.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def herding(features: torch.Tensor, m: int) -> np.ndarray:
+    """Indices of m rows of L2-normalised `features` chosen by herding, in selection order."""
+    mean = features.mean(0)
+    running = torch.zeros_like(mean)
+    available = torch.ones(len(features), dtype=torch.bool)
+    chosen = []
+    for k in range(1, min(m, len(features)) + 1):
+        dist = torch.linalg.vector_norm(mean - (running + features) / k, dim=1)
+        dist[~available] = float("inf")
+        i = int(torch.argmin(dist))
+        chosen.append(i)
+        available[i] = False
+        running += features[i]
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def closest_to_mean(features: torch.Tensor, m: int) -> np.ndarray:
+    dist = torch.linalg.vector_norm(features - F.normalize(features.mean(0), dim=0), dim=1)
+    return torch.argsort(dist)[:m].numpy()
+
+
+class ExemplarMemory:
+    def __init__(self, memory_size: int, fixed_memory: bool, memory_per_class: int | None, sampling_method: str,
+                 n_classes: int, seed: int):
+        self.memory_size, self.fixed_memory = memory_size, fixed_memory
+        self.memory_per_class, self.sampling_method = memory_per_class, sampling_method
+        self.n_classes, self.seed = n_classes, seed
+        self.exemplars: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_config(cls, cfg, n_classes: int, seed: int) -> "ExemplarMemory | None":
+        """The configured memory, or None when it holds nothing (memory_size 0 and no per-class quota)."""
+        if cfg.memory_size == 0 and not (cfg.fixed_memory and cfg.memory_per_class):
+            return None
+        return cls(cfg.memory_size, cfg.fixed_memory, cfg.memory_per_class, cfg.sampling_method, n_classes, seed)
+
+    def quota(self, n_seen: int) -> int:
+        if self.fixed_memory:
+            return self.memory_per_class or self.memory_size // self.n_classes
+        return self.memory_size // n_seen
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.exemplars.values())
+
+    def indices(self) -> np.ndarray:
+        """Train-pool positions of every exemplar, class by class."""
+        parts = [self.exemplars[c] for c in sorted(self.exemplars)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def update(self, classes, n_seen: int, data, features_of: Callable) -> None:
+        """Shrink the old classes to the new quota, then select exemplars of `classes`.
+
+        `features_of(dataset)` returns the features of a dataset (the shared inference loop); it is called
+        once for all new classes, and not at all for random selection."""
+        m = self.quota(n_seen)
+        for c in self.exemplars:
+            self.exemplars[c] = self.exemplars[c][:m]
+        pools = {int(c): data.indices("train", [c]) for c in classes}
+        features = None
+        if self.sampling_method not in ("random", "reservoir") and any(len(p) > m for p in pools.values()):
+            everything = np.concatenate(list(pools.values()))
+            features = F.normalize(features_of(data.dataset("train", everything, augment=False)).float(), dim=1)
+        start = 0
+        for c, pool in pools.items():
+            part = None if features is None else features[start: start + len(pool)]
+            self.exemplars[c] = pool[self.select(part, len(pool), m, c)]
+            start += len(pool)
+
+    def select(self, features: torch.Tensor | None, n: int, m: int, c: int) -> np.ndarray:
+        """Positions (within the class pool of size n) of the m exemplars to keep, in priority order."""
+        if m >= n:
+            return np.arange(n)
+        if self.sampling_method in ("random", "reservoir"):
+            return np.random.default_rng([self.seed, c]).permutation(n)[:m]
+        return herding(features, m) if self.sampling_method == "herding" else closest_to_mean(features, m)
+
+    def class_means(self, data, features_of: Callable) -> torch.Tensor:
+        """L2-normalised mean of the normalised exemplar features, one row per class 0..max (iCaRL's NME)."""
+        idx = self.indices()
+        features = F.normalize(features_of(data.dataset("train", idx, augment=False)).float(), dim=1)
+        labels = torch.as_tensor(data.train_y[idx])
+        n = int(labels.max()) + 1
+        sums = torch.zeros(n, features.shape[1]).index_add_(0, labels, features)
+        return F.normalize(sums / torch.bincount(labels, minlength=n).clamp(min=1)[:, None], dim=1)
+
+    def state_dict(self) -> dict:
+        return {"exemplars": {int(c): torch.as_tensor(v) for c, v in self.exemplars.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exemplars = {int(c): v.numpy() for c, v in state["exemplars"].items()}

@@ -1,0 +1,69 @@
+"""Name -> object registries with explicit keys and "did you mean" errors."""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Iterator
+
+
+class UserError(Exception):
+    """An error caused by the user's input: main.py prints it as one line and exits non-zero."""
+
+
+def closest(name: str, choices) -> str:
+    """A ' (did you mean X?)' suffix for the closest of `choices`, or '' when nothing is close."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class Registry:
+    """Maps explicit lowercase names to objects; `register` is a decorator, `get` fails with the valid names."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Any] = {}
+        self._meta: dict[str, dict] = {}
+
+    def register(self, name: str, **meta) -> Callable[[Any], Any]:
+        def decorator(obj):
+            if name in self._entries:
+                raise KeyError(f"{self.kind} '{name}' is registered twice")
+            self._entries[name] = obj
+            self._meta[name] = dict(meta, module=getattr(obj, "__module__", None))
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> Any:
+        if name not in self._entries:
+            raise UserError(
+                f"unknown {self.kind} '{name}'{closest(name, self._entries)}; "
+                f"valid {self.kind}s: {', '.join(sorted(self._entries))}"
+            )
+        return self._entries[name]
+
+    def meta(self, name: str) -> dict:
+        self.get(name)
+        return self._meta[name]
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind}: {', '.join(self.keys())})"
+
+
+def import_submodules(package_name: str, package_path) -> None:
+    """Import every module below a package (names starting with '_' are private and skipped), so that
+    dropping a file into methods/, backbone/ or datasets/ registers it. Import errors are not hidden."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(package_path, prefix=package_name + "."):
+        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+            importlib.import_module(info.name)
