@@ -80,7 +80,8 @@ class Method(nn.Module):
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scores over the seen classes per classifier: "cnn" logits, and "nme" (negative distance to the
-        class means) when apply_nme."""
+        class means) when apply_nme. A method that routes samples to tasks adds "task_id": the (B,) task index
+        it picked, reported as task-id accuracy."""
         out = self.network(x)
         scores = {"cnn": out["logits"][:, : self.task.total]}
         if self.class_means.numel():

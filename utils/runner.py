@@ -62,6 +62,9 @@ def evaluate(method, engine: Engine, data: DataManager, task, cfg) -> dict:
     test = data.dataset("test", data.indices("test", range(task.total)))
     scores, y = engine.infer(method.predict, test, method)
     y = y.numpy()
+    result = {}
+    if "task_id" in scores:  # a routing method also returns the task it picked for each sample
+        result["task_id_acc"] = float(100.0 * np.mean(scores.pop("task_id").numpy() == data.class_of_task()[y]))
     bounds = [(t.known, t.total) for t in data.tasks[: task.index + 1]]
     if cfg.incre_type == "til":  # predict within the sample's own task
         lo = torch.as_tensor([t.known for t in data.tasks])[data.class_of_task()[y]]
@@ -69,7 +72,6 @@ def evaluate(method, engine: Engine, data: DataManager, task, cfg) -> dict:
         cols = torch.arange(task.total)
         scores = {k: v.masked_fill((cols < lo[:, None]) | (cols >= hi[:, None]), float("-inf"))
                   for k, v in scores.items()}
-    result = {}
     for key, value in scores.items():
         pred = value.argmax(1).numpy()
         result[key] = {"acc": score(y, pred, cfg.eval_metric),
@@ -89,6 +91,7 @@ def openset_scores(method, engine: Engine, data: DataManager, task) -> dict | No
         return None
     test = data.dataset("test", data.indices("test", range(data.n_classes)))
     scores, y = engine.infer(method.predict, test, method)
+    scores.pop("task_id", None)
     confidence = method.openset_confidence(scores).numpy()
     known = (y.numpy() < task.total).astype(int)
     fpr, tpr, _ = roc_curve(known, confidence)
@@ -128,11 +131,13 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None) -
                  "acc_per_task": main["acc_per_task"], "old_acc": main["old_acc"], "new_acc": main["new_acc"],
                  "cnn_acc": result["cnn"]["acc"], "nme_acc": result["nme"]["acc"] if "nme" in result else None,
                  "gflops": gflops, "params": params, "train_time_s": train_time}
+        if "task_id_acc" in result:
+            entry["task_id_acc"] = result["task_id_acc"]
         if cfg.openset_test:
             entry["openset"] = openset_scores(method, engine, data, task)
         if cfg.save_pred_record:
             np.savez(os.path.join(run_dir, f"pred_record_seed{seed}_task{task.index}.npz"), targets=result["targets"],
-                     **{k: v["pred"] for k, v in result.items() if k != "targets"})
+                     **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)})
         record["tasks"].append(entry)
         rows.append(main["acc_per_task"])
         totals.append(main["acc"])
