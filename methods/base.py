@@ -93,6 +93,23 @@ class Method(nn.Module):
         of record (higher = more likely known)."""
         return F.softmax(scores[self.record], dim=1).max(1).values
 
+    # ---- checkpoint state (see the rules in the module docstring) ----
+    def get_extra_state(self) -> dict:
+        """Plain, non-module state; subclasses extend the dict (call super)."""
+        return {"memory": self.memory.state_dict() if self.memory is not None else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.memory is not None and state.get("memory") is not None:
+            self.memory.load_state_dict(state["memory"])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint, first resizing buffers whose shape changed since construction (class means)."""
+        for name, buffer in list(self.named_buffers()):
+            if name in state_dict and state_dict[name].shape != buffer.shape:
+                owner = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
+                setattr(owner, name.rpartition(".")[2], torch.empty_like(state_dict[name], device=buffer.device))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # ---- helpers shared by the CE-based methods ----
     def seen_logits_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """cil: CE over every seen class; til: CE over the current task's classes only."""
