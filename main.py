@@ -47,14 +47,21 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """main() with user errors as one line on stderr and exit status 2 (tracebacks only with --debug)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
+        main(argv)
+        return 0
     except UserError as err:
-        if "--debug" in sys.argv:
+        if "--debug" in argv:
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

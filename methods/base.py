@@ -8,7 +8,7 @@ Rules that make every method checkpointable and resumable (a run is restored by 
 `before_task` for every task reached, then `load_state_dict`):
 - modules are created in `__init__` or `before_task` only, deterministically from the config and the task
   (e.g. the frozen copy of the previous network is made at the start of the next task, not at the end of one);
-- all state is module parameters/buffers, or plain tensors/numbers/lists/dicts returned by `get_extra_state`
+- all state is module parameters/buffers, or plain tensors/numbers/lists/dicts returned by `extra_state`
   (buffers may change shape between tasks: loading resizes them);
 - code in `train_task` between two `engine.fit` calls builds data and freezes/unfreezes only; weight changes
   belong to a stage (`fit`), `before_task` or `after_task`.
@@ -94,11 +94,13 @@ class Method(nn.Module):
         return F.softmax(scores[self.record], dim=1).max(1).values
 
     # ---- checkpoint state (see the rules in the module docstring) ----
-    def get_extra_state(self) -> dict:
-        """Plain, non-module state; subclasses extend the dict (call super)."""
+    def extra_state(self) -> dict:
+        """Plain, non-module state saved in checkpoints beside state_dict(); subclasses extend the dict (call
+        super). Not nn.Module's get_extra_state, which would put non-tensors in the state dict that jit tracing
+        (fvcore) reads."""
         return {"memory": self.memory.state_dict() if self.memory is not None else None}
 
-    def set_extra_state(self, state: dict) -> None:
+    def load_extra_state(self, state: dict) -> None:
         if self.memory is not None and state.get("memory") is not None:
             self.memory.load_state_dict(state["memory"])
 

@@ -11,11 +11,16 @@ import logging
 import warnings
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # fvcore scripts a loss with the deprecated torch.jit at import
+    from fvcore.nn import FlopCountAnalysis
 
 
 class _Predict(nn.Module):
+    """Traces `method.predict`."""
+
     def __init__(self, method):
         super().__init__()
         self.method = method

@@ -1,0 +1,78 @@
+"""The command line: listing, help, device resolution and one-line errors with a non-zero exit."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+from backbone import BACKBONES
+from conftest import ROOT
+from datasets import DATASETS
+from methods import METHODS
+from utils.device import resolve_device
+from utils.registry import Registry, UserError
+
+DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
+
+
+@pytest.mark.parametrize("what, registry", [("methods", METHODS), ("datasets", DATASETS), ("backbones", BACKBONES)])
+def test_list_prints_registered_names(what, registry, capsys):
+    assert main.cli(["--list", what]) == 0
+    assert capsys.readouterr().out.split() == registry.keys()
+
+
+def test_help_lists_global_and_method_keys(capsys):
+    assert main.cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--init_epochs" in out and "--memory_size" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "missing.yaml"],
+    ["--config", DIGITS, "--method", "finetune"],
+    ["--config", DIGITS, "--dataset", "digitz"],
+    ["--config", DIGITS, "--backbone", "resnet_18"],
+    ["--config", DIGITS, "--epochs", "two"],
+    ["--config", DIGITS, "--lrat", "0.1"],
+    ["--config", DIGITS, "--init_cls", "20"],
+    ["--config", DIGITS, "--increment", "0"],
+    ["--config", DIGITS, "--memory_size", "-5"],
+    ["--config", DIGITS, "--device", "0,1"],
+    ["--config", DIGITS, "--device", "gpu7"],
+    ["--config", DIGITS, "--checkpoint_dir", "nowhere"],
+    ["--config", DIGITS, "--dataset", "cifar100", "--data_root", "/nonexistent", "--backbone", "resnet32"],
+])
+def test_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
+    code = main.cli([*argv, "--log_root", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(UserError, match="did you mean 'resnet18'"):
+        BACKBONES.get("resnet_18")
+    registry = Registry("thing")
+    registry.register("alpha")(object)
+    with pytest.raises(KeyError):
+        registry.register("alpha")(object)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            resolve_device("0")
+        with pytest.raises(UserError, match="no CUDA device"):
+            resolve_device("cuda:1")
+    with pytest.raises(UserError, match="multi-GPU"):
+        resolve_device("0,1")
+
+
+def test_entry_point_exits_non_zero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", str(tmp_path / "none.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

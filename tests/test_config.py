@@ -1,0 +1,116 @@
+"""Strict config loading: every shipped YAML validates; unknown keys, bad types and precedence."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from methods import method_config
+from utils.config import load_config, parse_cli_overrides
+from utils.registry import UserError
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "options", "*", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, "options")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path, {}, method_config)
+    assert cfg.method == os.path.basename(os.path.dirname(path)), "options/<method>/ holds that method's configs"
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+BASE = {"basic": {"method": "finetune_il", "dataset": "digits", "backbone": "resnet32", "lrate": 0.5},
+        "options": {"digits": {"resnet32": {"lrate": 0.2, "epochs": 3},
+                               "resnet18": {"lrate": 0.3, "epochs": 4}}},
+        "special": {"lrate_decay": 0.5}}
+
+
+def load(tmp_path, data, **cli):
+    return load_config(write(tmp_path, data), cli, method_config)
+
+
+def test_precedence_cli_over_special_over_options_over_basic(tmp_path):
+    cfg = load(tmp_path, BASE)
+    assert (cfg.lrate, cfg.epochs, cfg.lrate_decay) == (0.2, 3, 0.5)
+    data = {**BASE, "special": {"lrate": 0.7}}
+    assert load(tmp_path, data).lrate == 0.7
+    assert load(tmp_path, data, lrate=0.9).lrate == 0.9
+
+
+def test_options_block_is_chosen_after_cli_override_of_backbone(tmp_path):
+    cfg = load(tmp_path, BASE, backbone="resnet18")
+    assert (cfg.backbone, cfg.lrate, cfg.epochs) == ("resnet18", 0.3, 4)
+
+
+def test_missing_options_block_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no block for dataset 'digits' and backbone 'resnet50'"):
+        load(tmp_path, BASE, backbone="resnet50")
+
+
+def test_unknown_key_names_file_key_and_closest(tmp_path):
+    data = {**BASE, "basic": {**BASE["basic"], "lrat": 0.1}}
+    with pytest.raises(UserError) as err:
+        load(tmp_path, data)
+    message = str(err.value)
+    assert "c.yaml" in message and "'lrat'" in message and "did you mean 'lrate'" in message
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="'epochs' must be int"):
+        load(tmp_path, BASE, epochs="ten")
+    with pytest.raises(UserError, match="'shuffle' must be bool"):
+        load(tmp_path, BASE, shuffle="maybe")
+
+
+def test_missing_required_key(tmp_path):
+    data = {"basic": {"method": "finetune_il", "dataset": "digits"}}
+    with pytest.raises(UserError, match="missing required key 'backbone'"):
+        load(tmp_path, data)
+
+
+def test_dropped_original_key_says_why(tmp_path):
+    data = {**BASE, "basic": {**BASE["basic"], "use_valid": True}}
+    with pytest.raises(UserError, match="use_valid.*not supported"):
+        load(tmp_path, data)
+
+
+def test_choices_are_checked(tmp_path):
+    with pytest.raises(UserError, match="opt_type"):
+        load(tmp_path, BASE, opt_type="sgdd")
+
+
+def test_cli_values_parse_booleans_lists_and_floats():
+    cli = parse_cli_overrides(["--shuffle", "no", "--milestones", "30", "60", "--lrate", "1e-3", "--seed", "1"])
+    assert cli == {"shuffle": False, "milestones": [30, 60], "lrate": "1e-3", "seed": 1}
+    cfg = load_config(None, {**cli, "method": "finetune_il", "dataset": "digits", "backbone": "resnet32",
+                             "apply_nme": "yes"}, method_config)
+    assert cfg.shuffle is False and cfg.apply_nme is True
+    assert cfg.milestones == [30, 60] and cfg.lrate == pytest.approx(1e-3) and cfg.seed == [1]
+
+
+@pytest.mark.parametrize("text, message", [("", "empty"), ("basic: [1, 2", "malformed YAML"),
+                                           ("bogus: {}", "unknown section")])
+def test_malformed_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_config(str(path), {}, method_config)
+
+
+def test_config_is_read_only(tmp_path):
+    cfg = load(tmp_path, BASE)
+    with pytest.raises(AttributeError):
+        cfg.lrate = 1.0
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(UserError, match="increment must be positive"):
+        load(tmp_path, BASE, increment=0)
+    with pytest.raises(UserError, match="memory_size must not be negative"):
+        load(tmp_path, BASE, memory_size=-1)
