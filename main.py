@@ -15,7 +15,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      add_help=False)
     parser.add_argument("--config", help="YAML file in the original's basic/special/options schema")
-    parser.add_argument("--checkpoint_dir", help="run folder to resume or re-test (not supported yet)")
+    parser.add_argument("--checkpoint_dir", help="run folder: resume it if unfinished, else re-test its saved models")
     parser.add_argument("--list", choices=("methods", "datasets", "backbones"), help="print registered names")
     parser.add_argument("--log_root", default="logs", help="where run folders are created (default: logs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     from methods import METHODS, method_config
     from utils.config import help_text, load_config, parse_cli_overrides
     from utils.device import resolve_device
-    from utils.runner import run
+    from utils.runner import is_finished, retest, run, saved_config
 
     if args.help:
         print(parser.format_help() + "\n" + help_text({m: method_config(m) for m in METHODS.keys()}))
@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n".join({"methods": METHODS, "datasets": DATASETS, "backbones": BACKBONES}[args.list].keys()))
         return {}
     if args.checkpoint_dir:
-        raise UserError("--checkpoint_dir (resume / re-test) is not supported yet")
+        cfg = saved_config(args.checkpoint_dir, args.config, parse_cli_overrides(rest), method_config)
+        device = resolve_device(cfg.device)
+        if is_finished(args.checkpoint_dir, cfg):
+            return retest(cfg, device, args.checkpoint_dir)
+        return run(cfg, device, run_dir=args.checkpoint_dir)[0]
     if not args.config and "--method" not in rest:
         raise UserError("give --config options/<method>/<dataset>.yaml (python main.py --help lists the keys)")
     cfg = load_config(args.config, parse_cli_overrides(rest), method_config)
@@ -56,7 +60,9 @@ def cli(argv: list[str] | None = None) -> int:
     except UserError as err:
         if "--debug" in argv:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # an error re-raised from a DataLoader worker carries the worker's traceback: keep its last line
+        line = str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

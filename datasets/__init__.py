@@ -3,4 +3,4 @@ from utils.registry import Registry, import_submodules
 
 DATASETS = Registry("dataset")
 
-import_submodules(__name__, __path__)
+import_submodules(__name__, __path__, skip=("check",))  # check.py is the folder-checking command

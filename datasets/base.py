@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from utils.registry import UserError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -65,8 +67,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self.use_path:
-            with Image.open(self.items[i]) as img:
-                image = img.convert("RGB")
+            try:
+                with Image.open(self.items[i]) as img:
+                    image = img.convert("RGB")
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot read image '{self.items[i]}' ({type(err).__name__}); replace or remove it "
+                                "(python -m datasets.check <dataset> lists every unreadable file)") from None
         else:
             image = Image.fromarray(self.items[i])
         return self.transform(image), int(self.targets[i])

@@ -53,6 +53,7 @@ class GlobalConfig:
     note: Optional[str] = key(None, "name of the run folder (default: a timestamp)")
     logger_type: Optional[str] = key(None, "'tensorboard' for TensorBoard scalars, or none", ("tensorboard", "none"))
     save_models: bool = key(True, "keep a checkpoint per task (false: only the latest)")
+    checkpoint_every: int = key(0, "also checkpoint every N epochs inside a task (0: only after each task)")
     save_pred_record: bool = key(False, "save test predictions and targets per task as .npz in the run folder")
     num_workers: int = key(0, "DataLoader worker processes")
     amp: bool = key(True, "mixed precision on CUDA (ignored on CPU)")
@@ -64,6 +65,9 @@ class GlobalConfig:
     class_order_seed: Optional[int] = key(None, "seed of the shuffled class order (default: the run's seed)")
     split_dataset: bool = key(True, "split classes into tasks; false: one task with every class")
     init_cls: Optional[int] = key(None, "classes in the first task (default: increment)")
+    train_list: Optional[str] = key(None, "skin8: list file of '<relative path> <label>' training lines (default: "
+                                    "ISIC2019/skin8_train_500.txt if present, else a split of the ground-truth CSV)")
+    test_list: Optional[str] = key(None, "skin8: the same for the test split")
     increment: Optional[int] = key(None, "classes in each later task; the last task takes the remainder")
     # method / evaluation
     incre_type: str = key("cil", "cil: predict among all seen classes; til: within the sample's task", ("cil", "til"))
@@ -112,6 +116,10 @@ DROPPED = {
     "MLP_projector": "the MLP projector head is not supported; remove the key",
     "gpu_num": "derived from --device in the original; remove it",
 }
+
+
+#: Keys that may change when a run is resumed or re-tested (they do not change what is computed).
+RUNTIME_KEYS = ("device", "num_workers")
 
 
 class Config(types.SimpleNamespace):
@@ -305,7 +313,7 @@ def _check(cfg: dict, where: str) -> None:
     for name in ("init_cls", "increment"):
         if cfg[name] is not None and cfg[name] <= 0:
             raise UserError(f"{where}: {name} must be positive, got {cfg[name]}")
-    for name in ("memory_size", "num_workers", "test_epoch", "epochs", "init_epochs"):
+    for name in ("memory_size", "num_workers", "test_epoch", "epochs", "init_epochs", "checkpoint_every"):
         if cfg[name] is not None and cfg[name] < 0:
             raise UserError(f"{where}: {name} must not be negative, got {cfg[name]}")
     if cfg["memory_per_class"] is not None and cfg["memory_per_class"] < 0:

@@ -54,7 +54,12 @@ def split_classes(n_classes: int, init_cls: int, increment: int) -> list[int]:
 class DataManager:
     def __init__(self, cfg, seed: int, single_task: bool = False):
         self.seed = seed
-        self.spec = DATASETS.get(cfg.dataset)()
+        spec_cls = DATASETS.get(cfg.dataset)
+        accepted = getattr(spec_cls, "dataset_keys", ())
+        for name in ("train_list", "test_list"):
+            if getattr(cfg, name) is not None and name not in accepted:
+                raise UserError(f"dataset '{cfg.dataset}' does not take {name}; remove it")
+        self.spec = spec_cls(**{k: getattr(cfg, k) for k in accepted if getattr(cfg, k) is not None})
         data = self.spec.load(data_root(cfg))
         self.img_size = cfg.img_size or self.spec.img_size
         n = self.spec.n_classes

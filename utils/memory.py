@@ -79,7 +79,7 @@ class ExemplarMemory:
             self.exemplars[c] = self.exemplars[c][:m]
         pools = {int(c): data.indices("train", [c]) for c in classes}
         features = None
-        if self.sampling_method not in ("random", "reservoir") and any(len(p) > m for p in pools.values()):
+        if m > 0 and self.sampling_method not in ("random", "reservoir") and any(len(p) > m for p in pools.values()):
             everything = np.concatenate(list(pools.values()))
             features = F.normalize(features_of(data.dataset("train", everything, augment=False)).float(), dim=1)
         start = 0
@@ -92,6 +92,8 @@ class ExemplarMemory:
         """Positions (within the class pool of size n) of the m exemplars to keep, in priority order."""
         if m >= n:
             return np.arange(n)
+        if m == 0:
+            return np.zeros(0, dtype=np.int64)
         if self.sampling_method in ("random", "reservoir"):
             return np.random.default_rng([self.seed, c]).permutation(n)[:m]
         return herding(features, m) if self.sampling_method == "herding" else closest_to_mean(features, m)

@@ -58,12 +58,13 @@ class Registry:
         return f"Registry({self.kind}: {', '.join(self.keys())})"
 
 
-def import_submodules(package_name: str, package_path) -> None:
+def import_submodules(package_name: str, package_path, skip: tuple[str, ...] = ()) -> None:
     """Import every module below a package (names starting with '_' are private and skipped), so that
     dropping a file into methods/, backbone/ or datasets/ registers it. Import errors are not hidden."""
     import importlib
     import pkgutil
 
     for info in pkgutil.walk_packages(package_path, prefix=package_name + "."):
-        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+        short = info.name.rsplit(".", 1)[-1]
+        if not short.startswith("_") and short not in skip:
             importlib.import_module(info.name)

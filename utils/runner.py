@@ -19,14 +19,19 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from datasets import DATASETS
 from methods import METHODS, build_method
 from utils.data_manager import DataManager
+from utils import checkpoint
+from utils.checkpoint import rng_state, set_rng_state
 from utils.flops import inference_cost
+from utils import report
 from utils.logging import close_logging, setup_logging
 from utils.metrics import mean_std, score, summarize, task_scores
 from utils.seed import set_seed
+from utils.registry import UserError
 from utils.train_loop import Engine
 
 log = logging.getLogger("cl")
-RUN_KEYS = ("last_acc", "avg_incremental_acc", "forgetting", "bwt", "last_nme_acc", "avg_incremental_nme_acc")
+RUN_KEYS = ("last_acc", "avg_incremental_acc", "forgetting", "bwt", "last_cnn_acc", "last_nme_acc",
+            "avg_incremental_nme_acc")
 
 
 def run_folder(cfg, root: str = "logs") -> str:
@@ -99,7 +104,7 @@ def openset_scores(method, engine: Engine, data: DataManager, task) -> dict | No
             "ap": 100 * average_precision_score(known, confidence)}
 
 
-def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None) -> dict:
+def _build(cfg, seed: int, device: torch.device, run_dir: str):
     set_seed(seed)
     single = METHODS.meta(cfg.method)["method_type"] == "single_step"
     data = DataManager(cfg, seed, single_task=single)
@@ -109,51 +114,114 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None) -
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard", f"seed{seed}"))
-    engine = Engine(device, cfg.num_workers, cfg.amp, cfg.test_epoch, writer)
-    record = {"seed": seed, "class_order": data.class_order, "tasks": []}
-    rows, totals, nme_totals = [], [], []
-    log.info(f"seed {seed}: {len(data.tasks)} tasks {[t.total - t.known for t in data.tasks]}, "
-             f"class order {data.class_order}")
-    for task in data.tasks:
+    return data, method, Engine(device, cfg.num_workers, cfg.amp, cfg.test_epoch, writer)
+
+
+def _restore(method, engine: Engine, data: DataManager, state: dict, device: torch.device) -> int:
+    """Rebuild the method's structure up to the checkpoint's task, load its state; returns the task to run next.
+    Inside a task, the engine is told where to continue (stage, epoch, optimiser, RNG)."""
+    position = state["position"]
+    for task in data.tasks[: position["task"] + 1]:
         method.task = task
-        engine.task_index = task.index
+        method.before_task(task)
+    _load(method, state, device)
+    if position["done"]:
+        set_rng_state(state["rng"])
+        return position["task"] + 1
+    engine.resume_from = {"fit_index": position["fit_index"], "epoch": position["epoch"],
+                          "optimizer": state["optimizer"], "scheduler": state["scheduler"],
+                          "restore_rng": lambda: set_rng_state(state["rng"])}
+    return position["task"]
+
+
+def _load(method, state: dict, device: torch.device) -> None:
+    method.to(device)
+    method.load_state_dict(state["method"])
+    method.load_extra_state(state["extra"])
+
+
+def task_entry(method, engine: Engine, data: DataManager, task, cfg, run_dir: str, seed: int) -> dict:
+    """Evaluate after a task: every classifier, inference cost, open-set scores, prediction records."""
+    result = evaluate(method, engine, data, task, cfg)
+    gflops, params = inference_cost(method, data.img_size, engine.device)
+    main = result[method.record]
+    entry = {"task": task.index, "classes": [task.known, task.total], "acc": main["acc"],
+             "acc_per_task": main["acc_per_task"], "old_acc": main["old_acc"], "new_acc": main["new_acc"],
+             "cnn_acc": result["cnn"]["acc"], "nme_acc": result["nme"]["acc"] if "nme" in result else None,
+             "gflops": gflops, "params": params}
+    if "task_id_acc" in result:
+        entry["task_id_acc"] = result["task_id_acc"]
+    if cfg.openset_test:
+        entry["openset"] = openset_scores(method, engine, data, task)
+    if cfg.save_pred_record:
+        np.savez(os.path.join(run_dir, f"pred_record_seed{seed}_task{task.index}.npz"), targets=result["targets"],
+                 **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)})
+    log.info(f"task {task.index}: {cfg.eval_metric} {main['acc']:.2f} (per task "
+             f"{', '.join(f'{a:.1f}' for a in main['acc_per_task'])}; old {_pct(main['old_acc'])} new "
+             f"{_pct(main['new_acc'])})" + (f" nme {entry['nme_acc']:.2f}" if entry["nme_acc"] is not None else "")
+             + f" | {gflops:.4f} GFLOPs, {params / 1e6:.3f} M params")
+    return entry
+
+
+def add_task(record: dict, entry: dict) -> None:
+    """Append a task's entry and recompute the run-level metrics from all entries."""
+    record["tasks"].append(entry)
+    tasks = record["tasks"]
+    record.update(summarize([t["acc"] for t in tasks], [t["acc_per_task"] for t in tasks]))
+    record["last_cnn_acc"] = tasks[-1]["cnn_acc"]
+    nme = [t["nme_acc"] for t in tasks if t["nme_acc"] is not None]
+    if nme:
+        record["last_nme_acc"], record["avg_incremental_nme_acc"] = nme[-1], float(np.mean(nme))
+
+
+def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None) -> dict:
+    """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record."""
+    data, method, engine = _build(cfg, seed, device, run_dir)
+    record = {"seed": seed, "class_order": data.class_order, "tasks": []}
+    first = 0
+    if resume is not None:
+        record = resume["record"]
+        first = _restore(method, engine, data, resume, device)
+    os.makedirs(checkpoint.folder(run_dir), exist_ok=True)
+
+    def save(position: dict, **extra) -> None:
+        state = {"config": cfg.to_dict(), "seed": seed, "position": position, "method": method.state_dict(),
+                 "extra": method.extra_state(), "rng": rng_state(), "record": record, **extra}
+        checkpoint.save(checkpoint.latest_path(run_dir, seed), state)
+        if position["done"] and cfg.save_models:
+            checkpoint.save(checkpoint.task_path(run_dir, seed, position["task"]), state)
+
+    def save_mid_task(fit_index, epoch, optimizer, scheduler):
+        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+            save({"task": engine.task_index, "done": False, "fit_index": fit_index, "epoch": epoch},
+                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None)
+
+    engine.on_epoch_end = save_mid_task
+    log.info(f"seed {seed}: {len(data.tasks)} tasks {[t.total - t.known for t in data.tasks]}, "
+             f"class order {data.class_order}" + (f"; resuming at task {first}" if resume is not None else ""))
+    for task in data.tasks[first:]:
+        method.task = task
+        engine.start_task(task.index)
         engine.epoch_eval = lambda: evaluate(method, engine, data, task, cfg)[method.record]["acc"]
         start = time.perf_counter()
-        method.before_task(task)
+        if engine.resume_from is None:  # a resumed task already rebuilt its structure
+            method.before_task(task)
         method.to(device)
         method.train_task(task, data.dataset("train", data.indices("train", task.classes)), engine)
         method.after_task(task, engine)
         train_time = time.perf_counter() - start
-        result = evaluate(method, engine, data, task, cfg)
-        gflops, params = inference_cost(method, data.img_size, device)
-        main = result[method.record]
-        entry = {"task": task.index, "classes": [task.known, task.total], "acc": main["acc"],
-                 "acc_per_task": main["acc_per_task"], "old_acc": main["old_acc"], "new_acc": main["new_acc"],
-                 "cnn_acc": result["cnn"]["acc"], "nme_acc": result["nme"]["acc"] if "nme" in result else None,
-                 "gflops": gflops, "params": params, "train_time_s": train_time}
-        if "task_id_acc" in result:
-            entry["task_id_acc"] = result["task_id_acc"]
-        if cfg.openset_test:
-            entry["openset"] = openset_scores(method, engine, data, task)
-        if cfg.save_pred_record:
-            np.savez(os.path.join(run_dir, f"pred_record_seed{seed}_task{task.index}.npz"), targets=result["targets"],
-                     **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)})
-        record["tasks"].append(entry)
-        rows.append(main["acc_per_task"])
-        totals.append(main["acc"])
-        if entry["nme_acc"] is not None:
-            nme_totals.append(entry["nme_acc"])
-        record.update(summarize(totals, rows))
-        if nme_totals:
-            record["last_nme_acc"], record["avg_incremental_nme_acc"] = nme_totals[-1], float(np.mean(nme_totals))
-        log.info(f"task {task.index}: {cfg.eval_metric} {main['acc']:.2f} (per task "
-                 f"{', '.join(f'{a:.1f}' for a in main['acc_per_task'])}; old {_pct(main['old_acc'])} new "
-                 f"{_pct(main['new_acc'])})" + (f" nme {entry['nme_acc']:.2f}" if entry["nme_acc"] is not None else "")
-                 + f" | {gflops:.4f} GFLOPs, {params / 1e6:.3f} M params, {train_time:.1f} s")
+        entry = task_entry(method, engine, data, task, cfg, run_dir, seed)
+        entry["train_time_s"] = train_time
+        add_task(record, entry)
+        if task.index == len(data.tasks) - 1:
+            record["complete"] = True
+        save({"task": task.index, "done": True})
         if on_task is not None:
             on_task(record)
-    if writer is not None:
-        writer.close()
+    if engine.writer is not None:
+        for i, t in enumerate(record["tasks"]):
+            engine.writer.add_scalar("acc/seen_classes", t["acc"], i)
+        engine.writer.close()
     log.info(f"seed {seed}: last {cfg.eval_metric} {record['last_acc']:.2f}, average incremental "
              f"{record['avg_incremental_acc']:.2f}, forgetting {record['forgetting']:.2f}, BWT {record['bwt']:.2f}")
     return record
@@ -164,37 +232,143 @@ def _pct(v: float) -> str:
 
 
 def summary(runs: list[dict]) -> dict:
+    if not runs:
+        return {}
     out = {k: mean_std([r.get(k) for r in runs]) for k in RUN_KEYS if any(r.get(k) is not None for r in runs)}
     out["final_gflops"] = mean_std([r["tasks"][-1]["gflops"] for r in runs])
     out["final_params"] = mean_std([r["tasks"][-1]["params"] for r in runs])
-    out["train_time_s"] = mean_std([sum(t["train_time_s"] for t in r["tasks"]) for r in runs])
+    out["train_time_s"] = mean_std([sum(t.get("train_time_s", 0.0) for t in r["tasks"]) for r in runs])
     return out
 
 
-def run(cfg, device: torch.device, log_root: str = "logs") -> tuple[dict, str]:
-    """Train every seed in turn; returns the results and the run folder (which holds results.json)."""
-    run_dir = run_folder(cfg, log_root)
+def _finish(results: dict, cfg, run_dir: str, name: str = "results") -> None:
+    results["summary"] = summary([r for r in results["runs"] if r.get("complete")])
+    write_json(os.path.join(run_dir, f"{name}.json"), results)
+    report.write_csv(results, os.path.join(run_dir, f"{name}.csv"))
+    report.plot(results, run_dir, prefix="" if name == "results" else f"{name}_")
+    s = results["summary"]
+    log.info(f"done: last {cfg.eval_metric} {s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f}, average "
+             f"incremental {s['avg_incremental_acc']['mean']:.2f} ± {s['avg_incremental_acc']['std']:.2f}, "
+             f"forgetting {s['forgetting']['mean']:.2f}, {s['final_gflops']['mean']:.4f} GFLOPs "
+             f"({len(results['runs'])} seed(s)); results in {os.path.join(run_dir, name + '.json')}")
+
+
+def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None = None) -> tuple[dict, str]:
+    """Train every seed in turn, or, given the folder of an unfinished run, continue it from its checkpoints.
+    Returns the results and the run folder (which holds results.json)."""
+    resuming = run_dir is not None
+    run_dir = run_dir or run_folder(cfg, log_root)
     setup_logging(os.path.join(run_dir, "run.log"))
     try:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
-                 f"device {device}")
-        results = {"config": cfg.to_dict(), "class_order": {}, "runs": [], "summary": {}}
         path = os.path.join(run_dir, "results.json")
+        if resuming and os.path.isfile(path):
+            with open(path) as f:
+                results = json.load(f)
+            results["runs"] = [r for r in results["runs"] if r.get("complete")]
+        else:
+            write_config(cfg, os.path.join(run_dir, "config.yaml"))
+            results = {"config": cfg.to_dict(), "class_order": {}, "runs": [], "summary": {}}
+        log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
+                 f"device {device}" + (" | resuming" if resuming else ""))
+        done = {r["seed"] for r in results["runs"]}
         for seed in cfg.seed:
+            if seed in done:
+                continue
+            latest = checkpoint.latest_path(run_dir, seed)
+            state = checkpoint.load(latest) if resuming and os.path.isfile(latest) else None
+            if state is not None and _without_runtime(state["config"]) != _without_runtime(cfg.to_dict()):
+                raise UserError(f"checkpoint '{latest}' was written with another config than {run_dir}/config.yaml")
+
             def save(record, seed=seed):
                 results["class_order"][str(seed)] = record["class_order"]
                 write_json(path, {**results, "runs": results["runs"] + [record]})
 
-            results["runs"].append(run_seed(cfg, seed, device, run_dir, on_task=save))
-            results["summary"] = summary(results["runs"])
+            results["runs"].append(run_seed(cfg, seed, device, run_dir, on_task=save, resume=state))
             write_json(path, results)
-        s = results["summary"]
-        log.info(f"done: last {cfg.eval_metric} {s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f}, average "
-                 f"incremental {s['avg_incremental_acc']['mean']:.2f} ± {s['avg_incremental_acc']['std']:.2f}, "
-                 f"forgetting {s['forgetting']['mean']:.2f}, {s['final_gflops']['mean']:.4f} GFLOPs "
-                 f"({len(cfg.seed)} seed(s)); results in {path}")
+        _finish(results, cfg, run_dir)
         return results, run_dir
     finally:
         close_logging()
+
+
+def retest(cfg, device: torch.device, run_dir: str) -> dict:
+    """Reload the saved models of a finished run and evaluate them again (results_retest.json). Tasks without a
+    saved model (save_models: false keeps only the last) keep their recorded numbers."""
+    setup_logging(os.path.join(run_dir, "run.log"))
+    try:
+        log.info(f"re-testing the finished run in {run_dir} on {device}")
+        results = {"config": cfg.to_dict(), "class_order": {}, "runs": []}
+        for seed in cfg.seed:
+            data, method, engine = _build(cfg, seed, device, run_dir)
+            with open(os.path.join(run_dir, "results.json")) as f:
+                saved = next(r for r in json.load(f)["runs"] if r["seed"] == seed)
+            record = {"seed": seed, "class_order": data.class_order, "tasks": []}
+            for task in data.tasks:
+                method.task = task
+                method.before_task(task)
+                path = checkpoint.task_path(run_dir, seed, task.index)
+                if not os.path.isfile(path) and task.index == len(data.tasks) - 1:
+                    path = checkpoint.latest_path(run_dir, seed)
+                if os.path.isfile(path):
+                    _load(method, checkpoint.load(path), device)
+                    engine.start_task(task.index)
+                    entry = task_entry(method, engine, data, task, cfg, run_dir, seed)
+                else:
+                    entry = dict(saved["tasks"][task.index], retested=False)
+                add_task(record, entry)
+            record["complete"] = True
+            results["class_order"][str(seed)] = record["class_order"]
+            results["runs"].append(record)
+        _finish(results, cfg, run_dir, name="results_retest")
+        return results
+    finally:
+        close_logging()
+
+
+def _without_runtime(config: dict) -> dict:
+    from utils.config import RUNTIME_KEYS
+
+    return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
+
+
+def write_config(cfg, path: str) -> None:
+    """The resolved config as a config file of our own schema (every key under basic:)."""
+    with open(path, "w") as f:
+        yaml.safe_dump({"basic": cfg.to_dict()}, f, sort_keys=False)
+
+
+def saved_config(run_dir: str, config_path: str | None, cli: dict, method_keys):
+    """The config of the run in `run_dir`; command-line keys may only change where it runs, and a --config given
+    beside it must resolve to the same config."""
+    from utils.config import RUNTIME_KEYS, load_config
+
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--checkpoint_dir '{run_dir}' does not exist")
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        raise UserError(f"--checkpoint_dir '{run_dir}' is not a run folder (no config.yaml); give the folder a run "
+                        "printed when it started")
+    changed = sorted(set(cli) - set(RUNTIME_KEYS))
+    if changed:
+        raise UserError(f"--{changed[0]} cannot change when resuming or re-testing a run (only "
+                        f"{', '.join(RUNTIME_KEYS)} can); start a new run instead")
+    cfg = load_config(saved_path, cli, method_keys)
+    if config_path:
+        given = load_config(config_path, cli, method_keys).to_dict()
+        diff = [k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and given.get(k) != v]
+        if diff:
+            raise UserError(f"--checkpoint_dir '{run_dir}' holds a run of another config: '{diff[0]}' is "
+                            f"{cfg.to_dict()[diff[0]]!r} there and {given.get(diff[0])!r} in {config_path}")
+    return cfg
+
+
+def is_finished(run_dir: str, cfg) -> bool:
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+    except (ValueError, KeyError):
+        raise UserError(f"'{path}' is corrupt; remove it to resume from the checkpoints") from None
+    return {r["seed"] for r in runs if r.get("complete")} >= set(cfg.seed)

@@ -81,8 +81,14 @@ class Engine:
         self.cuda = device.type == "cuda"
         self.amp = amp and self.cuda
         self.task_index = 0
+        self.fit_index = 0  # how many fit calls the current task has made (a task may train in stages)
         self.epoch_eval: Callable[[], float] | None = None  # set by the runner: seen-class accuracy
+        self.on_epoch_end: Callable | None = None  # set by the runner: mid-task checkpoints
+        self.resume_from: dict | None = None  # set by the runner: the mid-task checkpoint to continue from
         self.progress = sys.stderr.isatty()
+
+    def start_task(self, index: int) -> None:
+        self.task_index, self.fit_index = index, 0
 
     def loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
@@ -97,7 +103,14 @@ class Engine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def fit(self, method, dataset, opt: OptimConfig, stage: str = "train") -> dict[str, float]:
-        """Train `method` on `dataset` for `opt.epochs` epochs; returns the last epoch's mean losses."""
+        """Train `method` on `dataset` for `opt.epochs` epochs; returns the last epoch's mean losses.
+
+        When resuming inside a task, the stages that the checkpoint already finished are skipped (their effect
+        is in the loaded weights) and the interrupted one continues after its last saved epoch."""
+        fit_index, self.fit_index = self.fit_index, self.fit_index + 1
+        resume = self.resume_from
+        if resume is not None and fit_index < resume["fit_index"]:
+            return {}
         method.to(self.device)
         if self.cuda:
             method.to(memory_format=torch.channels_last)
@@ -108,8 +121,15 @@ class Engine:
         scheduler = build_scheduler(optimizer, opt)
         loader = self.loader(dataset, opt.batch_size, train=True)
         means: dict[str, float] = {}
-        epochs = tqdm(range(opt.epochs), desc=f"task {self.task_index} {stage}", disable=not self.progress,
-                      leave=False)
+        first_epoch = 0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            first_epoch, self.resume_from = resume["epoch"], None
+            resume["restore_rng"]()
+        epochs = tqdm(range(first_epoch, opt.epochs), desc=f"task {self.task_index} {stage}",
+                      disable=not self.progress, leave=False)
         for epoch in epochs:
             start, sums, steps = time.perf_counter(), {}, 0
             method.train()
@@ -140,6 +160,8 @@ class Engine:
             log.info(line)
             for name, value in means.items():
                 self._scalar(f"task{self.task_index}/{stage}/{name}", value, epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(fit_index, epoch + 1, optimizer, scheduler)
         return means
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
