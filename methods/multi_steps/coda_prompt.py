@@ -1,0 +1,73 @@
+"""CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free Continual Learning (Smith,
+Karlinsky, Gutta, Cascante-Bonilla, Kim, Arbelle, Panda, Feris, Kira; CVPR 2023).
+
+Idea: instead of picking prompts from a pool, every image gets its own prompt per block l, a weighted sum of
+learned components P_lm. The weight of component m is cos(q * A_lm, K_lm): the query q ([CLS] feature of a frozen,
+prompt-free pass of the ViT) is masked by the component's attention vector A_lm and compared with its key K_lm,
+so the whole selection is differentiable and trained end to end with CE. The `prompt_pool` components are split
+evenly over the tasks: each task adds its slice, initialised orthonormal to the previous components (Gram-Schmidt),
+and freezes the previous slices; `ortho_weight` * sum_l ||M M^T - I||^2 (mean) over K_l, A_l and P_l keeps the
+components orthogonal. CE covers the current task's classes only. No replay.
+
+Deviations:
+- The slices are created in `before_task` (checkpoint rule: modules only there), and the old ones are frozen
+  with requires_grad rather than detached in the forward, so that weight decay cannot move them either.
+- A pool that does not divide by the number of tasks is split as evenly as possible (the paper assumes it does).
+- `prompt_length` counts prefix tokens per key and per value: the paper's length 8 is split into 4 key and
+  4 value tokens by the authors' code, i.e. `prompt_length: 4` here.
+- Unlike the original, `backbone`, `pretrained` and `pretrain_path` are honoured (any timm ViT, local weights).
+"""
+from dataclasses import dataclass
+
+from backbone.prompt import CodaComponents, current_task_ce
+from backbone.vit import prompted_vit_net
+from methods import register_method
+from methods.base import Method
+from utils.config import key
+from utils.registry import UserError
+
+
+@dataclass
+class CodaPromptConfig:
+    prompt_pool: int = key(100, "prompt components in all, split evenly over the tasks")
+    prompt_length: int = key(4, "prefix tokens per component and block (the paper's length 8 counts key + value)")
+    prompt_layers: list[int] = key([0, 1, 2, 3, 4], "ViT blocks that receive the prompts")
+    ortho_weight: float = key(0.0, "weight of the orthogonality penalty on keys, attention vectors and prompts")
+
+
+@register_method("coda_prompt", config=CodaPromptConfig)
+class CodaPrompt(Method):
+    def build_network(self):
+        return prompted_vit_net(self.cfg, self.data.img_size)
+
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        vit = self.network.backbone
+        if not len(data.tasks) <= cfg.prompt_pool <= vit.embed_dim:
+            raise UserError(f"prompt_pool must lie between the number of tasks ({len(data.tasks)}) and the ViT width "
+                            f"({vit.embed_dim}) so that every task gets orthogonal components, got {cfg.prompt_pool}")
+        if cfg.prompt_length < 1:
+            raise UserError(f"prompt_length must be at least 1, got {cfg.prompt_length}")
+        self.prompt = CodaComponents(cfg.prompt_length, vit.check_layers("prompt_layers", cfg.prompt_layers),
+                                     vit.embed_dim)
+
+    def before_task(self, task):
+        super().before_task(task)
+        start, end = (self.cfg.prompt_pool * t // task.n_tasks for t in (task.index, task.index + 1))
+        self.prompt.add_components(end - start)
+
+    def parameters_to_optimize(self):
+        return [*self.prompt.parameters(), *self.network.fc.parameters()]
+
+    def training_step(self, x, y):
+        losses = {"ce": current_task_ce(self.forward_prompted(x), y, self.task.known, self.task.total)}
+        if self.cfg.ortho_weight:
+            losses["ortho"] = self.cfg.ortho_weight * self.prompt.orthogonality()
+        return losses
+
+    def predict(self, x):
+        return {"cnn": self.forward_prompted(x)[:, : self.task.total]}
+
+    def forward_prompted(self, x):
+        vit = self.network.backbone
+        return self.network.fc(vit(x, self.prompt(vit.query(x))))

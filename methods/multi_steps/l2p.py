@@ -1,0 +1,66 @@
+"""L2P: Learning to Prompt for Continual Learning (Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy, Pfister;
+CVPR 2022).
+
+Idea: a pre-trained ViT stays frozen; a pool of `prompt_pool` prompts, each with a learnable key, is shared by
+all tasks. The [CLS] feature of a frozen, prompt-free pass is the query; the `top_k` keys closest to it by cosine
+pick the prompts, which are inserted in the second pass, whose [CLS] feature feeds the linear head. Training
+minimises CE plus `pull_weight` * sum_k (1 - cos(query, key_k)) over the selected keys, which pulls the keys
+towards the queries that choose them; as in the L2P code, CE masks the logits of the classes outside the current
+task. Only prompts, keys and the head train; there is no replay.
+
+Deviations:
+- Prompts are prefix key/value tokens (prefix-tuning) in the blocks of `prompt_layers` ([0]: shallow, [0..4]:
+  deep), not input tokens (prompt-tuning), and the feature is the [CLS] token rather than the mean of the prompt
+  outputs: the CODA-Prompt paper's "L2P++" (reported stronger than L2P there), and what the original code does.
+  `prompt_length` counts prefix tokens per key and per value (the original split one length into halves).
+- No prompt-frequency diversification: the paper uses it only when task identity is known at training time.
+- Unlike the original, `backbone`, `pretrained` and `pretrain_path` are honoured (any timm ViT, local weights).
+"""
+from dataclasses import dataclass
+
+from backbone.prompt import PromptPool, current_task_ce, key_matching_loss
+from backbone.vit import prompted_vit_net
+from methods import register_method
+from methods.base import Method
+from utils.config import key
+from utils.registry import UserError
+
+
+@dataclass
+class L2PConfig:
+    prompt_pool: int = key(10, "number of prompts (and keys) in the pool")
+    prompt_length: int = key(5, "prefix tokens per prompt and block")
+    top_k: int = key(5, "prompts selected per image (top-N keys by cosine to the query)")
+    prompt_layers: list[int] = key([0], "ViT blocks that receive the prompts ([0]: shallow, [0..4]: deep)")
+    pull_weight: float = key(0.1, "weight of the key-matching loss sum_k (1 - cos(query, key_k))")
+
+
+@register_method("l2p", config=L2PConfig)
+class L2P(Method):
+    def build_network(self):
+        return prompted_vit_net(self.cfg, self.data.img_size)
+
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        vit = self.network.backbone
+        if not 1 <= cfg.top_k <= cfg.prompt_pool:
+            raise UserError(f"top_k must lie in [1, prompt_pool = {cfg.prompt_pool}], got {cfg.top_k}")
+        self.pool = PromptPool(cfg.prompt_pool, cfg.prompt_length, vit.check_layers("prompt_layers", cfg.prompt_layers),
+                               vit.embed_dim)
+
+    def parameters_to_optimize(self):
+        return [*self.pool.parameters(), *self.network.fc.parameters()]
+
+    def training_step(self, x, y):
+        logits, cos = self.forward_prompted(x)
+        return {"ce": current_task_ce(logits, y, self.task.known, self.task.total),
+                "pull": self.cfg.pull_weight * key_matching_loss(cos)}
+
+    def predict(self, x):
+        return {"cnn": self.forward_prompted(x)[0][:, : self.task.total]}
+
+    def forward_prompted(self, x):
+        """Logits of the prompted pass, and the cosine similarities of the selected keys."""
+        vit = self.network.backbone
+        idx, cos = self.pool.match(vit.query(x), self.cfg.top_k)
+        return self.network.fc(vit(x, self.pool(idx))), cos
