@@ -29,6 +29,17 @@ class _Predict(nn.Module):
         return tuple(self.method.predict(x).values())
 
 
+def _sdpa_flops(inputs, outputs) -> int:
+    """Fused attention softmax(Q K^T) V: (L x D) by (D x S) plus (L x S) by (S x Dv) multiply-adds per head."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
 def inference_cost(method, img_size: int, device: torch.device) -> tuple[float, int]:
     """(GFLOPs per image, parameter count) of `method.predict` on one img_size x img_size image."""
     x = torch.zeros(1, 3, img_size, img_size, device=device)
@@ -44,12 +55,19 @@ def inference_cost(method, img_size: int, device: torch.device) -> tuple[float, 
         method.predict(x)
     for h in hooks:
         h.remove()
-    params = {id(p): p.numel() for m in called.values() for p in m.parameters(recurse=False)}
+    # modules whose forward ran, and the modules holding them (a ViT's pos_embed belongs to the model, whose
+    # blocks a wrapper may call directly)
+    names = {id(m): name for name, m in method.named_modules()}
+    modules = dict(method.named_modules())
+    used = {names[i] for i in called if i in names}
+    used |= {name.rsplit(".", k)[0] for name in used for k in range(1, name.count(".") + 1)} | {""}
+    params = {id(p): p.numel() for name in used for p in modules[name].parameters(recurse=False)}
     fvcore_log = logging.getLogger("fvcore")
     level, fvcore_log.level = fvcore_log.level, logging.ERROR
     try:
         analysis = FlopCountAnalysis(_Predict(method), x)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation noise from torch.jit
             flops = analysis.total()
