@@ -146,9 +146,9 @@ def task_entry(method, engine: Engine, data: DataManager, task, cfg, run_dir: st
     gflops, params = inference_cost(method, data.img_size, engine.device)
     main = result[method.record]
     entry = {"task": task.index, "classes": [task.known, task.total], "acc": main["acc"],
-             "acc_per_task": main["acc_per_task"], "old_acc": main["old_acc"], "new_acc": main["new_acc"],
-             "cnn_acc": result["cnn"]["acc"], "nme_acc": result["nme"]["acc"] if "nme" in result else None,
-             "gflops": gflops, "params": params}
+             "acc_per_task": main["acc_per_task"], "old_acc": _or_none(main["old_acc"]),
+             "new_acc": _or_none(main["new_acc"]), "cnn_acc": result["cnn"]["acc"],
+             "nme_acc": result["nme"]["acc"] if "nme" in result else None, "gflops": gflops, "params": params}
     if "task_id_acc" in result:
         entry["task_id_acc"] = result["task_id_acc"]
     if cfg.openset_test:
@@ -229,6 +229,11 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
 
 def _pct(v: float) -> str:
     return "-" if np.isnan(v) else f"{v:.2f}"
+
+
+def _or_none(v: float) -> float | None:
+    """NaN (no old classes in the first task) is written as null: results.json stays strict JSON."""
+    return None if np.isnan(v) else v
 
 
 def summary(runs: list[dict]) -> dict:
