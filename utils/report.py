@@ -43,13 +43,13 @@ def plot(results: dict, run_dir: str, prefix: str = "") -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     n = min(len(r["tasks"]) for r in runs)
     for r in runs:
-        ax.plot(range(1, len(r["tasks"]) + 1), [t["acc"] for t in r["tasks"]], alpha=0.4, marker=".",
+        ax.plot(range(len(r["tasks"])), [t["acc"] for t in r["tasks"]], alpha=0.4, marker=".",
                 label=f"seed {r['seed']}")
     if len(runs) > 1:
-        ax.plot(range(1, n + 1), np.mean([[t["acc"] for t in r["tasks"][:n]] for r in runs], 0), color="black",
+        ax.plot(range(n), np.mean([[t["acc"] for t in r["tasks"][:n]] for r in runs], 0), color="black",
                 linewidth=2, marker="o", label="mean")
-    ax.set(xlabel="task", ylabel=f"{metric} on seen classes (%)", title=title, ylim=(0, 100))
-    ax.set_xticks(range(1, n + 1))
+    ax.set(xlabel="after training task", ylabel=f"{metric} on seen classes (%)", title=title, ylim=(0, 100))
+    ax.set_xticks(range(n))
     ax.grid(alpha=0.3)
     ax.legend()
     files.append(_save(fig, run_dir, prefix + "accuracy.png"))
@@ -59,12 +59,12 @@ def plot(results: dict, run_dir: str, prefix: str = "") -> list[str]:
         warnings.simplefilter("ignore", RuntimeWarning)  # NaN above the diagonal
         matrix = np.nanmean([[[np.nan if v is None else v for v in row[:size]] for row in r["acc_matrix"][:size]]
                              for r in runs], 0)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * size, 1 + 0.5 * size))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.6 * size), max(3.2, 1 + 0.5 * size)))
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
     for (i, j), v in np.ndenumerate(matrix):
         if not np.isnan(v):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
-    ax.set(xlabel="evaluated task j", ylabel="after training task i", title=f"{metric} matrix (mean over seeds)")
+    ax.set(xlabel="evaluated task j", ylabel="after training task i", title=f"{metric} (%), mean over seeds")
     ax.set_xticks(range(size))
     ax.set_yticks(range(size))
     fig.colorbar(image, ax=ax)
@@ -72,12 +72,15 @@ def plot(results: dict, run_dir: str, prefix: str = "") -> list[str]:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     tasks = runs[0]["tasks"]
-    left.plot(range(1, len(tasks) + 1), [t["gflops"] for t in tasks], marker="o")
-    left.set(xlabel="task", ylabel="inference GFLOPs per image (fvcore, = GMACs)", ylim=(0, None))
-    right.plot(range(1, len(tasks) + 1), [t["params"] / 1e6 for t in tasks], marker="o", color="tab:orange")
-    right.set(xlabel="task", ylabel="parameters used at test time (M)", ylim=(0, None))
+    gflops, params = [t["gflops"] for t in tasks], [t["params"] / 1e6 for t in tasks]
+    left.plot(range(len(tasks)), gflops, marker="o")
+    left.set(xlabel="after training task", ylabel="GFLOPs per image (fvcore)", ylim=(0, 1.2 * max(gflops)),
+             title="inference cost")
+    right.plot(range(len(tasks)), params, marker="o", color="tab:orange")
+    right.set(xlabel="after training task", ylabel="parameters (M)", ylim=(0, 1.2 * max(params)),
+              title="parameters used at test time")
     for ax in (left, right):
-        ax.set_xticks(range(1, len(tasks) + 1))
+        ax.set_xticks(range(len(tasks)))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     files.append(_save(fig, run_dir, prefix + "cost.png"))
