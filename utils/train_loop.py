@@ -1,7 +1,8 @@
 """THE training loop (`Engine.fit`) and THE inference loop (`Engine.infer`): no method writes its own.
 
 `fit` builds the optimiser and schedule from an `OptimConfig`, and for every batch calls
-`method.training_step(x, y)` -> dict of named losses, sums them, back-propagates, calls
+`method.training_step(x, y)` -> dict of named losses (a method whose `train_data` yields extra fields per
+sample, such as its position in the train pool, receives them as further arguments), sums them, back-propagates, calls
 `method.before_optimizer_step()` (gradient surgery) and steps. Loss means are logged per epoch; a non-finite
 loss stops the run naming the task and epoch. On CUDA: bfloat16 autocast, channels_last, pinned memory.
 """
@@ -133,10 +134,10 @@ class Engine:
         for epoch in epochs:
             start, sums, steps = time.perf_counter(), {}, 0
             method.train()
-            for x, y in tqdm(loader, leave=False, disable=not self.progress):
-                x, y = self.to_device(x), y.to(self.device, non_blocking=True)
+            for batch in tqdm(loader, leave=False, disable=not self.progress):
+                x, *rest = (self.to_device(t) for t in batch)  # (x, y), or (x, y, extra...) from train_data
                 with self.autocast():
-                    losses = method.training_step(x, y)
+                    losses = method.training_step(x, *rest)
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,110 @@
+"""BiC: Large Scale Incremental Learning (Wu, Chen, Wang, Ye, Liu, Guo, Fu; CVPR 2019).
+
+Idea: with rehearsal the classifier is biased towards the new classes, because they have far more samples than
+the old ones in the exemplar memory. BiC holds out a small class-balanced validation set from the new data and
+the exemplars and trains in two stages per task (after the first):
+1. the network on the rest, with distillation from the previous model weighted by the share of old classes:
+   loss = (1 - lam) * CE(z[:, :seen], y) + lam * KD_T(z[:, :known], z_old),  lam = known / seen;
+2. a bias layer for the newest task's logits, z_new <- alpha * z_new + beta (two scalars), with CE on the
+   validation set while everything else is frozen. Earlier tasks' bias layers keep their fitted values.
+The bias layers live in `backbone.bias_layer.BiasCorrectedNet`; the teacher is the whole previous network,
+bias layers included.
+
+Deviations:
+- The original applies stage 2's CE to softmax outputs (a double softmax); we apply it to the corrected logits,
+  as in the paper.
+- The held-out split: per class (old and new) `int(split_ratio * m)` samples, m the exemplars per old class when
+  the task starts (the original: split_ratio * memory_size / known classes, the same number for non-fixed
+  memory), at least one, drawn from a generator seeded by (run seed, task), so a rerun holds out the same.
+- Stage 2 uses the task's optimiser settings (as the original) but without weight decay, which would pull the
+  scale alpha towards 0; the backbone stays in eval mode there so its BN statistics do not move.
+- `pretrain_path` and `freeze_fe` are honoured (the original ignores them for BiC).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backbone import build_backbone
+from backbone.bias_layer import BiasCorrectedNet
+from methods import register_method
+from methods.base import Method
+from methods.multi_steps.icarl import frozen_copy, logits_and_old_logits
+from utils.config import key
+from utils.losses import weighted_kd_losses
+from utils.registry import UserError
+from utils.train_loop import OptimConfig
+
+
+def balanced_split(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np.random.Generator):
+    """Split `pool` into (rest, held_out) with `per_class` random samples of every label held out."""
+    order = np.lexsort((rng.random(len(pool)), labels))  # by label, random within a label
+    sorted_labels = labels[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels)  # position within its label
+    held = np.zeros(len(pool), dtype=bool)
+    held[order[rank < per_class]] = True
+    return pool[~held], pool[held]
+
+
+@dataclass
+class BiCConfig:
+    T: float = key(2.0, "distillation temperature")
+    split_ratio: float = key(0.1, "share of the per-class exemplar quota held out per class for bias correction")
+
+
+@register_method("bic", config=BiCConfig)
+class BiC(Method):
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        if self.memory is None:
+            raise UserError("bic needs a replay memory: set memory_size > 0")
+        if not 0.0 < cfg.split_ratio < 1.0:
+            raise UserError(f"split_ratio must lie in (0, 1), got {cfg.split_ratio}")
+        self.stage = "train"
+
+    def build_network(self):
+        network = BiasCorrectedNet(build_backbone(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path))
+        if self.cfg.freeze_fe:
+            network.freeze_backbone()
+        return network
+
+    def before_task(self, task):
+        self.old_network = None if task.is_first else frozen_copy(self.network)
+        super().before_task(task)
+
+    def train_task(self, task, new_data, engine):
+        opt = OptimConfig.from_config(self.cfg, task.is_first)
+        self.stage = "train"
+        if task.is_first:  # nothing to correct yet
+            engine.fit(self, new_data, opt)
+            return
+        pool = np.concatenate([self.memory.indices(), self.data.indices("train", task.classes)])
+        per_class = max(1, int(self.cfg.split_ratio * self.memory.quota(task.known)))
+        rng = np.random.default_rng([self.data.seed, task.index])
+        train_idx, val_idx = balanced_split(pool, self.data.train_y[pool], per_class, rng)
+        engine.fit(self, self.data.dataset("train", train_idx), opt)
+        self.stage = "bias"
+        engine.fit(self, self.data.dataset("train", val_idx), opt.replace(weight_decay=0.0), stage="bias")
+        self.stage = "train"
+
+    def parameters_to_optimize(self):
+        if self.stage == "bias":
+            return self.network.bias_layers[-1].parameters()
+        return (p for name, p in self.network.named_parameters() if not name.startswith("bias_layers."))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.stage == "bias":  # stage 2 fits alpha, beta on a frozen network
+            self.network.eval()
+        return self
+
+    def training_step(self, x, y):
+        if self.stage == "bias":
+            with torch.no_grad():
+                raw_logits = self.network(x)["raw_logits"]
+            return {"bias_ce": self.seen_logits_ce(self.network.correct(raw_logits), y)}
+        logits, old_logits = logits_and_old_logits(self, x)
+        logits = logits[:, : self.task.total]
+        return weighted_kd_losses(self.seen_logits_ce(logits, y), logits, old_logits, self.cfg.T)

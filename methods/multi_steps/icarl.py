@@ -1,0 +1,75 @@
+"""iCaRL: Incremental Classifier and Representation Learning (Rebuffi, Kolesnikov, Sperl, Lampert; CVPR 2017).
+
+Idea: rehearsal with a small exemplar memory chosen by herding, plus distillation: while learning a new task the
+network is trained on the new data and the exemplars, and its outputs on the old classes are kept close to those
+of the frozen network from the previous task. Classification is by the nearest mean of exemplars (NME) in the
+normalised feature space, which is robust to the bias of the linear head towards the newest classes.
+
+    loss = CE(z[:, :seen], y) + KD_T(z[:, :known], z_old)          (KD in utils.losses.kd_loss)
+
+Deviations:
+- Paper: sigmoid binary cross-entropy for both terms. Here (as in the original code) softmax CE on the seen
+  classes plus softened-softmax KD with temperature `T`, without a T^2 factor or weighting.
+- NME is the classifier of record (`record = "nme"`, so `apply_nme: true` is required); the CNN head's accuracy
+  is reported beside it. The original also reported both.
+- The frozen previous network is copied at the start of a task (not the end of the last one) so that a
+  checkpoint can be restored by replaying `before_task`; its BN statistics stay frozen during training.
+- `incre_type: til` trains CE within the task (the original is cil only).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods import register_method
+from methods.base import Method
+from utils.config import key
+from utils.losses import kd_loss
+from utils.registry import UserError
+
+
+def frozen_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of an IncrementalNet to distil from: no gradients, and its backbone stays in eval mode (BN
+    statistics frozen) even when the method is put in train mode."""
+    old = copy.deepcopy(network)
+    old.freeze_backbone()
+    old.requires_grad_(False)
+    return old.eval()
+
+
+def logits_and_old_logits(method, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`method.network`'s logits on x and, once there is a previous network, its logits (without gradients)."""
+    if method.old_network is None:
+        return method.network(x)["logits"], None
+    with torch.no_grad():
+        old_logits = method.old_network(x)["logits"]
+    return method.network(x)["logits"], old_logits
+
+
+@dataclass
+class ICaRLConfig:
+    T: float = key(2.0, "distillation temperature")
+
+
+@register_method("icarl", config=ICaRLConfig)
+class ICaRL(Method):
+    record = "nme"
+
+    def __init__(self, cfg, data):
+        if not cfg.apply_nme:
+            raise UserError("icarl classifies by the nearest mean of exemplars: set apply_nme: true (and memory_size)")
+        super().__init__(cfg, data)
+
+    def before_task(self, task):
+        self.old_network = None if task.is_first else frozen_copy(self.network)
+        super().before_task(task)
+
+    def training_step(self, x, y):
+        logits, old_logits = logits_and_old_logits(self, x)
+        losses = {"ce": self.seen_logits_ce(logits, y)}
+        if old_logits is not None:
+            losses["kd"] = kd_loss(logits[:, : self.task.known], old_logits, self.cfg.T)
+        return losses
