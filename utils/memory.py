@@ -13,6 +13,7 @@ Selection (on L2-normalised features of the un-augmented images):
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import numpy as np
@@ -97,6 +98,14 @@ class ExemplarMemory:
         if self.sampling_method in ("random", "reservoir"):
             return np.random.default_rng([self.seed, c]).permutation(n)[:m]
         return herding(features, m) if self.sampling_method == "herding" else closest_to_mean(features, m)
+
+    def balanced_indices(self, task, data, features_of: Callable) -> np.ndarray:
+        """Train-pool positions of a class-balanced set (DER, ACL and DynaMMo's second stage): the exemplars of the
+        old classes and as many of each new class, selected the memory's way; the memory itself is unchanged."""
+        balanced = copy.copy(self)
+        balanced.exemplars = dict(self.exemplars)
+        balanced.update(task.classes, task.total, data, features_of)
+        return balanced.indices()
 
     def class_means(self, data, features_of: Callable) -> torch.Tensor:
         """L2-normalised mean of the normalised exemplar features, one row per class 0..max (iCaRL's NME)."""

@@ -44,7 +44,7 @@ from backbone import build_backbone
 from backbone.adapters import AdapterNet
 from methods import register_method
 from methods.base import Method
-from methods.multi_steps.dynamic_er import class_balanced_indices, others_cross_entropy
+from methods.multi_steps.dynamic_er import others_cross_entropy
 from utils.config import key
 from utils.registry import UserError
 from utils.train_loop import OptimConfig
@@ -89,7 +89,7 @@ class ACL(Method):
         self.network.heads.requires_grad_(True)
         balanced = None
         if not task.is_first:
-            balanced = class_balanced_indices(self.memory, task, self.data, self.newest_features(engine))
+            balanced = self.memory.balanced_indices(task, self.data, self.newest_features(engine))
         self.consolidate(balanced, engine)
         if balanced is None:
             return

@@ -25,10 +25,8 @@ Deviations from the paper / the original code:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,16 +47,6 @@ def others_cross_entropy(logits: torch.Tensor, y: torch.Tensor, known: int, tota
         loss = mean_i CE(z_i, target_i)          z: (B, n + 1) logits"""
     inside = (y >= known) & (y < total)
     return F.cross_entropy(logits.float(), torch.where(inside, y - known, torch.full_like(y, total - known)))
-
-
-def class_balanced_indices(memory, task, data, features_of) -> np.ndarray:
-    """Train-pool positions of a class-balanced set: the memory's exemplars of the old classes and the same
-    number of samples of each new class, chosen like the memory would (its sampling method, on
-    `features_of(dataset)`), without changing the memory itself."""
-    balanced = copy.copy(memory)
-    balanced.exemplars = dict(memory.exemplars)
-    balanced.update(task.classes, task.total, data, features_of)
-    return balanced.indices()
 
 
 @dataclass
@@ -95,7 +83,7 @@ class DER(Method):
         if task.is_first:
             return
         features_of = lambda dataset: engine.features(self.network, dataset)  # noqa: E731
-        balanced = self.data.dataset("train", class_balanced_indices(self.memory, task, self.data, features_of))
+        balanced = self.data.dataset("train", self.memory.balanced_indices(task, self.data, features_of))
         self.network.requires_grad_(False)
         self.balanced_fc.requires_grad_(True)
         self.stage = "balance"
