@@ -1,6 +1,8 @@
 """IncrementalNet: a backbone plus a linear head that grows with each task and keeps its old rows."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -44,3 +46,12 @@ class IncrementalNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
         return {"features": features, "logits": self.fc(features)}
+
+
+def frozen_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of an IncrementalNet to distil from: no gradients, and its backbone stays in eval mode (BN
+    statistics frozen) even when the method is put in train mode."""
+    old = copy.deepcopy(network)
+    old.freeze_backbone()
+    old.requires_grad_(False)
+    return old.eval()

@@ -18,26 +18,16 @@ Deviations:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from backbone.incremental_net import frozen_copy
 from methods import register_method
 from methods.base import Method
 from utils.config import key
 from utils.losses import kd_loss
 from utils.registry import UserError
-
-
-def frozen_copy(network: nn.Module) -> nn.Module:
-    """A deep copy of an IncrementalNet to distil from: no gradients, and its backbone stays in eval mode (BN
-    statistics frozen) even when the method is put in train mode."""
-    old = copy.deepcopy(network)
-    old.freeze_backbone()
-    old.requires_grad_(False)
-    return old.eval()
 
 
 def logits_and_old_logits(method, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -29,7 +29,8 @@ import torch
 
 from methods import register_method
 from methods.base import Method
-from methods.multi_steps.icarl import frozen_copy, logits_and_old_logits
+from backbone.incremental_net import frozen_copy
+from methods.multi_steps.icarl import logits_and_old_logits
 from utils.config import key
 from utils.losses import weighted_kd_losses
 

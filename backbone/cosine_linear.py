@@ -1,0 +1,134 @@
+"""Cosine classifiers and the incremental network built on them (LUCIR, PODNet), plus their distillation losses.
+
+- `CosineClassifier`: scores σ·ŷ_c with ŷ_c the cosine between the feature and class c's weight (Hou et al.,
+  CVPR 2019). With `nb_proxy` K > 1 it is PODNet's local-similarity classifier (Douillard et al., ECCV 2020):
+  ŷ_c = Σ_k softmax_k(s_{c,k}) · s_{c,k} over the cosines s_{c,k} to the K proxies of class c. σ is learned,
+  through its logarithm so that it stays positive: a negative σ flips every score (with PODNet's hinged NCA
+  loss a raw σ crossed zero on a 2-class digits task and reached zero loss with wrong predictions).
+  The class weights are kept as one part per task, so a task's part is a separate parameter, created when the
+  head grows and frozen when the next task arrives.
+- `CosineIncrementalNet`: a backbone plus that head, with the interface of `IncrementalNet`; its forward also
+  returns the outputs of the backbone modules named in `layer_names`, taken with forward hooks (PODNet).
+- The distillation losses both methods use on its outputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from backbone import build_backbone
+from utils.registry import UserError, closest
+
+
+class CosineClassifier(nn.Module):
+    def __init__(self, in_features: int, nb_proxy: int = 1):
+        super().__init__()
+        self.in_features, self.nb_proxy = in_features, nb_proxy
+        self.parts = nn.ParameterList()  # one (classes of the task x nb_proxy, in_features) weight per task
+        self.log_sigma = nn.Parameter(torch.zeros(1))  # σ = exp(log_sigma): learned, positive, initially 1
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    @property
+    def out_features(self) -> int:
+        return sum(len(p) for p in self.parts) // self.nb_proxy
+
+    def add_classes(self, n: int) -> None:
+        """A new part of n classes (weights U(-1/sqrt(d), 1/sqrt(d)), as nn.Linear); earlier parts are frozen."""
+        self.parts.requires_grad_(False)
+        bound = 1.0 / math.sqrt(self.in_features)
+        device = self.log_sigma.device
+        self.parts.append(nn.Parameter(torch.empty(n * self.nb_proxy, self.in_features, device=device)
+                                       .uniform_(-bound, bound)))
+
+    def cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, classes) class similarities ŷ in [-1, 1] (plain cosines when nb_proxy is 1), in float32."""
+        with torch.autocast(features.device.type, enabled=False):
+            weight = F.normalize(torch.cat(list(self.parts)).float(), dim=1)
+            similarities = F.linear(F.normalize(features.float(), dim=1), weight)
+        if self.nb_proxy == 1:
+            return similarities
+        similarities = similarities.view(len(features), -1, self.nb_proxy)
+        return (F.softmax(similarities, dim=2) * similarities).sum(2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.cosine(features)
+
+
+class CosineIncrementalNet(nn.Module):
+    """forward(x) -> {"features", "maps" (the hooked outputs, in execution order), "cosine", "logits" = σ·cosine}."""
+
+    def __init__(self, backbone: nn.Module, nb_proxy: int = 1, layer_names: list[str] | tuple = ()):
+        super().__init__()
+        self.backbone, self.feature_dim = backbone, backbone.feature_dim
+        self.head = CosineClassifier(self.feature_dim, nb_proxy)
+        names = [n for n, _ in backbone.named_modules() if n]
+        for name in layer_names:
+            if name not in names:
+                raise UserError(f"layer_names: the backbone has no module '{name}'{closest(name, names)}; "
+                                f"top-level modules: {', '.join(n for n in names if '.' not in n)}")
+        self.layer_names = list(layer_names)
+        self.backbone_frozen = False
+
+    @classmethod
+    def from_config(cls, cfg, nb_proxy: int = 1, layer_names=()) -> "CosineIncrementalNet":
+        network = cls(build_backbone(cfg.backbone, cfg.pretrained, cfg.pretrain_path), nb_proxy, layer_names)
+        network.freeze_backbone(cfg.freeze_fe)
+        return network
+
+    @property
+    def n_classes(self) -> int:
+        return self.head.out_features
+
+    def expand_head(self, n_classes: int) -> None:
+        """Grow the head to `n_classes` classes with a new part; the parts of earlier tasks are frozen."""
+        if n_classes > self.n_classes:
+            self.head.add_classes(n_classes - self.n_classes)
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Freeze (or release) the feature extractor: its weights and, in train mode too, its BN statistics."""
+        self.backbone_frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict:
+        maps: list[torch.Tensor] = []
+        # hooks live only for this call, so deep copies of the network never write into another's list
+        hooks = [self.backbone.get_submodule(name).register_forward_hook(lambda m, i, out: maps.append(out))
+                 for name in self.layer_names]
+        try:
+            features = self.backbone(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        cosine = self.head.cosine(features)
+        return {"features": features, "maps": maps, "cosine": cosine, "logits": self.head.sigma * cosine}
+
+
+def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """LUCIR's less-forget loss and PODNet's POD-flat, as the original computes both: mean over the batch of
+    1 − cos(f(x), f_old(x))."""
+    return (1 - F.cosine_similarity(features.float(), old_features.float(), dim=1)).mean()
+
+
+def pod_spatial(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch.Tensor:
+    """POD-spatial on squared activations with L2-normalised descriptors (as the original computes it): for each
+    layer, Φ(h) = normalise([Σ_H h², Σ_W h²]) over channels x width and channels x height, loss
+    ‖Φ(h) − Φ(h_old)‖₂, averaged over the batch and then over the layers."""
+    losses = []
+    for new, old in zip(maps, old_maps, strict=True):
+        descriptors = [F.normalize(torch.cat([a.sum(2).flatten(1), a.sum(3).flatten(1)], 1), dim=1)
+                       for a in (new.float().pow(2), old.float().pow(2))]
+        losses.append(torch.linalg.vector_norm(descriptors[0] - descriptors[1], dim=1).mean())
+    return torch.stack(losses).mean()
