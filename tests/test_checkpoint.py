@@ -14,7 +14,7 @@ import main
 from conftest import ROOT, TINY
 
 DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
-ARGS = ["--config", DIGITS, *TINY, "--epochs", "3", "--init_epochs", "2", "--checkpoint_every", "1", "--note", "run"]
+ARGS = ["--config", DIGITS, *TINY, "--epochs", "2", "--init_epochs", "1", "--checkpoint_every", "1", "--note", "run"]
 METRICS = ("last_acc", "avg_incremental_acc", "forgetting", "bwt", "last_nme_acc")
 
 
