@@ -34,8 +34,9 @@ def rows(methods: list[str] | None) -> list[tuple[str, str, list[str]]]:
 
 
 def _finished(log_root: str, method: str, note: str) -> str | None:
-    for folder, _, files in os.walk(os.path.join(log_root, method)):
-        if os.path.basename(folder) == note and "results.json" in files:
+    for folder, _, files in os.walk(os.path.join(log_root, method)):  # <note>, or <note>_<stamp> if it existed
+        name = os.path.basename(folder)
+        if (name == note or name.startswith(note + "_2")) and "results.json" in files:
             with open(os.path.join(folder, "results.json")) as f:
                 if json.load(f).get("summary"):
                     return os.path.join(folder, "results.json")
