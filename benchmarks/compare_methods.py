@@ -47,7 +47,7 @@ def run_row(label: str, method: str, overrides: list[str], seeds: list[str], log
     note = method + ("_nomem" if "no memory" in label else "")
     cmd = [sys.executable, "main.py", "--config", f"options/{method}/digits.yaml", "--seed", *seeds, "--device",
            "cpu", "--log_root", log_root, "--note", note, *overrides]
-    shown = " ".join(["python", *cmd[1:5], "--seed", *seeds, *overrides])
+    shown = " ".join(["python", *cmd[1:4], "--seed", *seeds, *overrides])
     path = _finished(log_root, method, note) if reuse else None
     if path is None:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
