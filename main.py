@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets import DATASETS
     from methods import METHODS, method_config
     from utils.config import help_text, load_config, parse_cli_overrides
+    from trainer.resume import is_finished, saved_config
+    from trainer.retest import retest
+    from trainer.task_loop import run
     from utils.device import resolve_device
-    from utils.runner import is_finished, retest, run, saved_config
 
     if args.help:
         print(parser.format_help() + "\n" + help_text({m: method_config(m) for m in METHODS.keys()}))

@@ -69,13 +69,10 @@ def bn_recalibration(module: nn.Module):
             m.momentum = momentum
 
 
-def _frozen(module: nn.Module) -> bool:
-    return not any(p.requires_grad for p in module.parameters())
-
-
 class AdapterNet(nn.Module):
     """A backbone with per-task adapters at `layer_names` and per-task heads Linear(D, n_t + 1), whose last
-    output is "others" (a sample of another task). Frozen parts (no parameter requiring grad) stay in eval mode."""
+    output is "others" (a sample of another task). Inside a Method, frozen parts (no parameter requiring grad) run
+    in eval mode."""
 
     def __init__(self, backbone: nn.Module, layer_names: Sequence[str], img_size: int, merged: bool = False):
         super().__init__()
@@ -163,10 +160,3 @@ class AdapterNet(nn.Module):
         finally:
             self._paths = None
         return features.view(len(paths), x.shape[0], -1)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in [self.backbone, *(a for point in self.adapters for a in point), *(self.merged or [])]:
-            if _frozen(module):
-                module.eval()
-        return self

@@ -9,7 +9,6 @@
   head grows and frozen when the next task arrives.
 - `CosineIncrementalNet`: a backbone plus that head, with the interface of `IncrementalNet`; its forward also
   returns the outputs of the backbone modules named in `layer_names`, taken with forward hooks (PODNet).
-- The distillation losses both methods use on its outputs.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from backbone import build_backbone
 from utils.registry import UserError, closest
 
 
@@ -73,13 +71,6 @@ class CosineIncrementalNet(nn.Module):
                 raise UserError(f"layer_names: the backbone has no module '{name}'{closest(name, names)}; "
                                 f"top-level modules: {', '.join(n for n in names if '.' not in n)}")
         self.layer_names = list(layer_names)
-        self.backbone_frozen = False
-
-    @classmethod
-    def from_config(cls, cfg, nb_proxy: int = 1, layer_names=()) -> "CosineIncrementalNet":
-        network = cls(build_backbone(cfg.backbone, cfg.pretrained, cfg.pretrain_path), nb_proxy, layer_names)
-        network.freeze_backbone(cfg.freeze_fe)
-        return network
 
     @property
     def n_classes(self) -> int:
@@ -91,16 +82,8 @@ class CosineIncrementalNet(nn.Module):
             self.head.add_classes(n_classes - self.n_classes)
 
     def freeze_backbone(self, frozen: bool = True) -> None:
-        """Freeze (or release) the feature extractor: its weights and, in train mode too, its BN statistics."""
-        self.backbone_frozen = frozen
+        """Freeze (or release) the feature extractor (inside a Method a frozen one also runs in eval mode)."""
         self.backbone.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> dict:
         maps: list[torch.Tensor] = []
@@ -115,20 +98,3 @@ class CosineIncrementalNet(nn.Module):
         cosine = self.head.cosine(features)
         return {"features": features, "maps": maps, "cosine": cosine, "logits": self.head.sigma * cosine}
 
-
-def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
-    """LUCIR's less-forget loss and PODNet's POD-flat, as the original computes both: mean over the batch of
-    1 − cos(f(x), f_old(x))."""
-    return (1 - F.cosine_similarity(features.float(), old_features.float(), dim=1)).mean()
-
-
-def pod_spatial(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch.Tensor:
-    """POD-spatial on squared activations with L2-normalised descriptors (as the original computes it): for each
-    layer, Φ(h) = normalise([Σ_H h², Σ_W h²]) over channels x width and channels x height, loss
-    ‖Φ(h) − Φ(h_old)‖₂, averaged over the batch and then over the layers."""
-    losses = []
-    for new, old in zip(maps, old_maps, strict=True):
-        descriptors = [F.normalize(torch.cat([a.sum(2).flatten(1), a.sum(3).flatten(1)], 1), dim=1)
-                       for a in (new.float().pow(2), old.float().pow(2))]
-        losses.append(torch.linalg.vector_norm(descriptors[0] - descriptors[1], dim=1).mean())
-    return torch.stack(losses).mean()

@@ -1,7 +1,7 @@
 """DERNet: one feature extractor per task, a classifier over their concatenated features, an auxiliary head.
 
 DER (Yan, Xie, He; CVPR 2021) without pruning. Task t adds a copy of the newest extractor (so it starts from the
-previous task's weights); the older ones are frozen and stay in eval mode. The classifier grows to
+previous task's weights); the older ones are frozen (and so, inside a Method, in eval mode). The classifier grows to
 Linear(t * D, seen classes) with the previous classifier copied into its old block; the auxiliary head
 Linear(D, new classes + 1) reads the newest extractor only, its last output meaning "an old class".
 """
@@ -38,16 +38,13 @@ class DERNet(nn.Module):
         self.fc = fc
         self.aux_fc = nn.Linear(self.feature_dim, total - known + 1).to(device) if known else None
 
+    def freeze_backbone(self) -> None:
+        """Freeze every extractor (`add_task` makes the newest trainable again)."""
+        self.backbones.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = torch.cat([backbone(x) for backbone in self.backbones], 1)
         out = {"features": features, "logits": self.fc(features)}
         if self.aux_fc is not None and self.training:
             out["aux_logits"] = self.aux_fc(features[:, -self.feature_dim:])
         return out
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for backbone in self.backbones:
-            if not any(p.requires_grad for p in backbone.parameters()):
-                backbone.eval()
-        return self

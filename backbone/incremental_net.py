@@ -13,7 +13,6 @@ class IncrementalNet(nn.Module):
         self.backbone = backbone
         self.feature_dim = backbone.feature_dim
         self.fc: nn.Linear | None = None
-        self.backbone_frozen = False
 
     @property
     def n_classes(self) -> int:
@@ -31,17 +30,10 @@ class IncrementalNet(nn.Module):
                 fc.bias[: old.out_features] = old.bias
         self.fc = fc
 
-    def freeze_backbone(self) -> None:
-        """Freeze the feature extractor (weights and BN statistics); only the head trains."""
-        self.backbone_frozen = True
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
-        return self
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Freeze (or release) the feature extractor; a frozen one also keeps its BN statistics, since a Method
+        runs every module whose parameters are all frozen in eval mode."""
+        self.backbone.requires_grad_(not frozen)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
@@ -49,9 +41,5 @@ class IncrementalNet(nn.Module):
 
 
 def frozen_copy(network: nn.Module) -> nn.Module:
-    """A deep copy of an IncrementalNet to distil from: no gradients, and its backbone stays in eval mode (BN
-    statistics frozen) even when the method is put in train mode."""
-    old = copy.deepcopy(network)
-    old.freeze_backbone()
-    old.requires_grad_(False)
-    return old.eval()
+    """A deep copy of a network to distil from: no gradients, and (inside a Method) always in eval mode."""
+    return copy.deepcopy(network).requires_grad_(False).eval()

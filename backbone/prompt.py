@@ -1,4 +1,4 @@
-"""Prompts for a `PromptedViT` (backbone/vit.py), and the losses of the prompt methods.
+"""Prompts for a `PromptedViT` (backbone/vit.py).
 
 A prompt for one block is a prefix of L key tokens and L value tokens, stored as (2, L, D); a module hands the
 ViT a dict {block index: (B, 2, L', D)} (see `PromptedViT.forward`).
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from utils.losses import orthogonality_penalty
 from utils.registry import UserError
 
 
@@ -95,22 +96,3 @@ def _orthonormal_rows(old: torch.Tensor, n: int) -> torch.Tensor:
     fresh = torch.randn(old.shape[0], n, old.shape[2], device=old.device)
     q = torch.linalg.qr(torch.cat([old, fresh], dim=1).transpose(1, 2))[0]  # (layers, F, M + n)
     return q[:, :, old.shape[1]:].transpose(1, 2).contiguous()
-
-
-# ---- losses ----
-def current_task_ce(logits: torch.Tensor, y: torch.Tensor, known: int, total: int) -> torch.Tensor:
-    """Cross-entropy with the logits of every class outside the current task [known, total) masked out:
-    -log softmax(z[known:total])[y - known]."""
-    return F.cross_entropy(logits[:, known:total], y - known)
-
-
-def key_matching_loss(cos: torch.Tensor) -> torch.Tensor:
-    """L2P's surrogate loss pulling the selected keys to the query: mean over the batch of sum_k (1 - cos_k)."""
-    return (1 - cos).sum(dim=1).mean()
-
-
-def orthogonality_penalty(m: torch.Tensor) -> torch.Tensor:
-    """mean((M M^T - I)^2) for each (rows, F) matrix M of a (..., rows, F) batch: zero iff M's rows are
-    orthonormal."""
-    eye = torch.eye(m.shape[-2], device=m.device, dtype=m.dtype)
-    return (m @ m.mT - eye).square().mean(dim=(-2, -1))

@@ -87,12 +87,12 @@ def _attention(attn: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None) ->
     return attn.proj_drop(attn.proj(out))
 
 
-def prompted_vit_net(cfg, img_size: int) -> IncrementalNet:
-    """The network of a prompt method: the `PromptedViT` of `cfg.backbone` at `img_size`, always frozen
+def prompted_vit_net(name: str, pretrained: bool, pretrain_path: str | None, img_size: int) -> IncrementalNet:
+    """The network of a prompt method: the `PromptedViT` of timm model `name` at `img_size`, always frozen
     (whatever `freeze_fe` says), plus the growing linear head; only prompts and head train."""
-    if not is_timm_model(cfg.backbone):
-        raise UserError(f"backbone '{cfg.backbone}' is not a timm model; prompt methods need a timm ViT such as "
+    if not is_timm_model(name):
+        raise UserError(f"backbone '{name}' is not a timm model; prompt methods need a timm ViT such as "
                         "vit_base_patch16_224")
-    network = IncrementalNet(PromptedViT(timm_backbone(cfg.backbone, cfg.pretrained, cfg.pretrain_path), img_size))
+    network = IncrementalNet(PromptedViT(timm_backbone(name, pretrained, pretrain_path), img_size))
     network.freeze_backbone()
     return network

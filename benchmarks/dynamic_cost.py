@@ -33,7 +33,7 @@ def build(name: str, n_tasks: int):
     set: only the number of tasks matters for the cost)."""
     from methods import build_method, method_config
     from utils.config import load_config
-    from utils.data_manager import DataManager
+    from datasets.scenario import DataManager
 
     cli = {"method": name, "dataset": "digits", "backbone": "resnet18", "img_size": IMG_SIZE, "init_cls": 1,
            "increment": 1, "memory_size": 10, "device": "cpu"}

@@ -25,7 +25,8 @@ from backbone import build_backbone  # noqa: E402
 from backbone.incremental_net import IncrementalNet  # noqa: E402
 from methods.base import Method  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
-from utils.train_loop import Engine, OptimConfig  # noqa: E402
+from utils.train_loop import Engine  # noqa: E402
+from utils.types import OptimConfig, Stage, Task  # noqa: E402
 
 
 class _CE(Method):
@@ -69,6 +70,7 @@ def main(argv=None) -> float:
     method = _CE(network)
     opt = OptimConfig(epochs=1, lrate=0.01, batch_size=args.batch_size)
     engine = Engine(device, num_workers=0, amp=False)
+    task = Task(0, 0, 10, 1)
     bare_loop(network, dataset, opt, device)  # warm-up
     speeds = {"bare": [], "engine": []}
     for _ in range(args.rounds):
@@ -79,7 +81,7 @@ def main(argv=None) -> float:
             if name == "bare":
                 bare_loop(network, dataset, opt, device)
             else:
-                engine.fit(method, dataset, opt)
+                engine.fit(method, task, Stage("train", lambda: dataset, opt, method.training_step))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             speeds[name].append(n / (time.perf_counter() - start))

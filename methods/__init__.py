@@ -3,13 +3,15 @@ every module is imported automatically, so dropping a file in registers it."""
 from utils.registry import Registry, UserError, import_submodules
 
 METHODS = Registry("method")
+METHOD_TYPES = ("multi_steps", "single_step", "pretrain")
 
 
-def register_method(name: str, config=None):
-    """Register a Method subclass under `name`, with the dataclass declaring its own config keys (or None)."""
+def register_method(name: str, config=None, method_type: str = "multi_steps"):
+    """Register a Method subclass under `name`, with the dataclass declaring its own config keys (or None).
+    `method_type`: multi_steps (task by task), single_step (one task holding every class), pretrain."""
+    assert method_type in METHOD_TYPES, method_type
 
     def decorator(cls):
-        method_type = cls.__module__.split(".")[1] if cls.__module__.count(".") >= 2 else None
         return METHODS.register(name, config=config, method_type=method_type)(cls)
 
     return decorator

@@ -29,3 +29,12 @@ def run_main(tmp_path):
             return json.load(f), os.path.dirname(found[0])
 
     return _run
+
+
+def run_stage(method, engine, task, name, new_data, **changes):
+    """Run the method's stage `name` of `task` through the shared loop, with `changes` to the Stage (for example
+    `data=lambda: subset` or `optim=OptimConfig(...)`); returns its last epoch's mean losses."""
+    import dataclasses
+
+    stage = next(s for s in method.stages(task, new_data, engine) if s.name == name)
+    return engine.fit(method, task, dataclasses.replace(stage, **changes))

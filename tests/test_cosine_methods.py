@@ -6,16 +6,16 @@ import os
 import pytest
 import torch
 
-from backbone.cosine_linear import CosineClassifier, CosineIncrementalNet, feature_distillation, pod_spatial
+from backbone.cosine_linear import CosineClassifier, CosineIncrementalNet
 from backbone.resnet_cifar import ResNet32
-from conftest import ROOT
+from conftest import ROOT, run_stage
+from datasets.scenario import DataManager
 from methods import build_method, method_config
-from methods.multi_steps.podnet import nca_loss
-from methods.multi_steps.ucir import margin_ranking_loss
 from utils.config import load_config
-from utils.data_manager import DataManager
+from utils.losses import feature_distillation, margin_ranking_loss, nca_loss, pod_spatial
 from utils.registry import UserError
-from utils.train_loop import Engine, OptimConfig
+from utils.train_loop import Engine
+from utils.types import OptimConfig
 
 
 def test_cosine_classifier_scores_are_sigma_times_cosine():
@@ -108,7 +108,8 @@ def test_stages_train_what_they_should(name):
     method.before_task(second)
     snapshot = {k: v.clone() for k, v in method.network.state_dict().items()}
     subset = data.dataset("train", data.indices("train", range(second.total))[::8])  # old and new classes
-    losses = engine.fit(method, subset, OptimConfig(epochs=1, lrate=0.1, batch_size=16))
+    losses = run_stage(method, engine, second, "train", subset, data=lambda: subset,
+                       optim=OptimConfig(epochs=1, lrate=0.1, batch_size=16))
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
     after = method.network.state_dict()
     assert torch.equal(after["head.parts.0"], snapshot["head.parts.0"])  # old classes frozen
@@ -117,11 +118,11 @@ def test_stages_train_what_they_should(name):
 
     # class-balanced stage: the classifier (old classes included) learns, the feature extractor does not
     snapshot = {k: v.clone() for k, v in method.network.state_dict().items()}
-    method.balanced_finetune(second, engine)
+    run_stage(method, engine, second, "balanced", subset)
     after = method.network.state_dict()
     assert all(torch.equal(after[k], v) for k, v in snapshot.items() if k.startswith("backbone."))
     assert not torch.equal(after["head.parts.0"], snapshot["head.parts.0"])
-    assert not method.network.backbone_frozen and method.network.backbone.conv1[0].weight.requires_grad
+    assert method.network.backbone.conv1[0].weight.requires_grad  # trainable again after the stage
 
 
 def test_checkpoint_restores_by_replaying_before_task():

@@ -256,7 +256,7 @@ def test_medmnist_any_size_and_v1_name(tmp_path):
 
 def test_mymedmnist_shuffles_whole_subsets_by_seed(tmp_path):
     from utils.config import load_config
-    from utils.data_manager import DataManager
+    from datasets.scenario import DataManager
     from methods import method_config
 
     FIXTURES["mymedmnist"](str(tmp_path))

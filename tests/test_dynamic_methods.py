@@ -10,7 +10,7 @@ from backbone.adapters import MERGED, Adapter, AdapterNet
 from conftest import ROOT, TINY
 from methods import build_method, method_config
 from utils.config import load_config, parse_cli_overrides
-from utils.data_manager import DataManager
+from datasets.scenario import DataManager
 from utils.flops import inference_cost
 from utils.registry import UserError
 

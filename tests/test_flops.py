@@ -5,7 +5,7 @@ from torch import nn
 
 from methods import build_method, method_config
 from utils.config import load_config
-from utils.data_manager import DataManager
+from datasets.scenario import DataManager
 from utils.flops import inference_cost
 
 

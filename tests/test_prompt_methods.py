@@ -7,14 +7,16 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, TINY
-from backbone.prompt import PromptPool, concat_prefixes, current_task_ce, key_matching_loss, orthogonality_penalty
+from backbone.prompt import PromptPool, concat_prefixes
 from backbone.vit import PromptedViT, prompted_vit_net
+from datasets.scenario import DataManager
 from methods import build_method, method_config
 from utils.config import load_config, parse_cli_overrides
-from utils.data_manager import DataManager
 from utils.flops import inference_cost
+from utils.losses import bounded_ce, key_matching_loss, orthogonality_penalty
 from utils.registry import UserError
-from utils.train_loop import Engine, OptimConfig
+from utils.train_loop import Engine
+from utils.types import OptimConfig, Stage
 
 METHODS = ("l2p", "dual_prompt", "coda_prompt")
 
@@ -39,7 +41,8 @@ def train_step(method, n=16):
     """One real optimiser step of the shared loop on n samples of the current task."""
     data = method.data
     subset = data.dataset("train", data.indices("train", method.task.classes)[:n])
-    Engine(torch.device("cpu")).fit(method, subset, OptimConfig(epochs=1, lrate=0.01, batch_size=n, opt_type="adam"))
+    opt = OptimConfig(epochs=1, lrate=0.01, batch_size=n, opt_type="adam")
+    Engine(torch.device("cpu")).fit(method, method.task, Stage("train", lambda: subset, opt, method.training_step))
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +89,12 @@ def test_pool_selects_the_closest_keys():
 
 def test_masked_ce_ignores_other_tasks_logits():
     logits, y = torch.randn(4, 10, requires_grad=True), torch.tensor([4, 5, 5, 4])
-    loss = current_task_ce(logits, y, known=4, total=6)
+    loss = bounded_ce(logits, y, 4, 6)
     loss.backward()
     changed = logits.detach().clone()
     changed[:, :4] += 100.0  # old classes, and classes of later tasks
     changed[:, 6:] -= 100.0
-    assert current_task_ce(changed, y, 4, 6) == pytest.approx(loss.item())
+    assert bounded_ce(changed, y, 4, 6) == pytest.approx(loss.item())
     assert loss.item() == pytest.approx(F.cross_entropy(logits.detach()[:, 4:6], y - 4).item())
     assert logits.grad[:, :4].abs().sum() == 0 and logits.grad[:, 6:].abs().sum() == 0
     assert logits.grad[:, 4:6].abs().sum() > 0
@@ -108,11 +111,11 @@ def test_training_step_changes_prompts_and_head_but_not_the_vit(name):
     method = build(name)
     start_task(method, 0)
     vit_before = {k: v.clone() for k, v in method.network.backbone.state_dict().items()}
-    trained_before = [p.detach().clone() for p in method.parameters_to_optimize() if p.requires_grad]
+    trained_before = [p.detach().clone() for p in method.parameters() if p.requires_grad]
     train_step(method)
     for k, v in method.network.backbone.state_dict().items():
         assert torch.equal(v, vit_before[k]), k
-    trained_after = [p for p in method.parameters_to_optimize() if p.requires_grad]
+    trained_after = [p for p in method.parameters() if p.requires_grad]
     assert all(not torch.equal(a, b) for a, b in zip(trained_before, trained_after) if a.numel())
     assert not any(p.requires_grad for p in method.network.backbone.parameters())
 
@@ -196,7 +199,7 @@ def test_bad_settings_are_user_errors(name, overrides, message):
 @pytest.mark.parametrize("backbone", ["resnet18", "no_such_vit"])
 def test_other_backbones_are_refused(backbone):
     with pytest.raises(UserError, match="timm"):
-        prompted_vit_net(config("l2p").replace(backbone=backbone), 32)
+        prompted_vit_net(backbone, False, None, 32)
 
 
 def test_weights_come_from_pretrain_path_or_fail(tmp_path, monkeypatch):
@@ -206,12 +209,12 @@ def test_weights_come_from_pretrain_path_or_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     cfg = config("l2p", "--pretrained", "true")
     with pytest.raises(UserError, match="no local weights"):
-        prompted_vit_net(cfg, 32)
+        prompted_vit_net(cfg.backbone, True, None, 32)
     torch.manual_seed(1)
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     path = str(tmp_path / "vit_tiny.pth")
     torch.save(source.state_dict(), path)
-    vit = prompted_vit_net(cfg.replace(pretrain_path=path), 32).backbone.vit
+    vit = prompted_vit_net(cfg.backbone, True, path, 32).backbone.vit
     assert torch.equal(vit.blocks[3].attn.qkv.weight, source.blocks[3].attn.qkv.weight)
     assert vit.pos_embed.shape == (1, 1 + 4, 192)  # resampled from 14 x 14 patches to 2 x 2
     torch.testing.assert_close(vit.pos_embed[:, 0], source.pos_embed[:, 0])  # the [CLS] position is kept

@@ -15,6 +15,7 @@ the closest valid key. Keys of the original that we do not support raise an erro
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -136,11 +137,21 @@ class Config(types.SimpleNamespace):
 
 
 def declared_fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """name -> (field, resolved type annotation) of a config dataclass."""
+    """name -> (field, resolved type annotation) of a config dataclass. A field a subclass redeclares with only a
+    new default (no help of its own) keeps the metadata of the base class's field."""
     if cls is None:
         return {}
     hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+    fields = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            base = next((b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)
+                         and f.name in {g.name for g in dataclasses.fields(b)}), None)
+            if base is not None:
+                f = copy.copy(f)
+                f.metadata = next(g for g in dataclasses.fields(base) if g.name == f.name).metadata
+        fields[f.name] = (f, hints[f.name])
+    return fields
 
 
 def _type_name(tp) -> str:

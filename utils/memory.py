@@ -1,4 +1,5 @@
-"""Exemplar memory: which training samples of each seen class are kept for replay, and class means for NME.
+"""Replay memories: the exemplar memory (which training samples of each seen class are kept for replay, and
+class means for NME) and DER's reservoir buffer of logits.
 
 Exemplars are stored as positions in the DataManager's train pool (the pool never changes during a run), in
 priority order, so shrinking a class keeps its best exemplars and the state is a few integer arrays.
@@ -10,6 +11,10 @@ Selection (on L2-normalised features of the un-augmented images):
   class mean;
 - closest_to_mean: the samples nearest to the class mean;
 - random: a random subset, drawn from a generator seeded by (run seed, class), so resuming redraws the same.
+
+`ReservoirBuffer` (DER/DER++) keeps a reservoir sample of the whole training stream instead: train-pool
+positions with the logits computed when each sample was seen, as module buffers (so they move with the method
+and are saved in its state_dict).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 
@@ -121,3 +127,42 @@ class ExemplarMemory:
 
     def load_state_dict(self, state: dict) -> None:
         self.exemplars = {int(c): v.numpy() for c, v in state["exemplars"].items()}
+
+
+def reservoir_slots(n_seen: int, batch: int, size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reservoir sampling for `batch` new items after `n_seen`: item b (the (n_seen+b+1)-th seen) goes to slot
+    n_seen+b while the buffer fills, else to slot j ~ U{0..n_seen+b} if j < size. Returns (slots, items): the
+    buffer slots to write and the batch position written into each (the later item wins a repeated slot)."""
+    seen = n_seen + torch.arange(batch, device=device)
+    draw = torch.minimum((torch.rand(batch, device=device) * (seen + 1)).long(), seen)
+    slot = torch.where(seen < size, seen, draw)
+    kept = torch.nonzero(slot < size).squeeze(1)
+    last = torch.full((size,), -1, dtype=torch.long, device=device).scatter_reduce(0, slot[kept], kept, "amax")
+    slots = torch.nonzero(last >= 0).squeeze(1)
+    return slots, last[slots]
+
+
+class ReservoirBuffer(nn.Module):
+    """`size` slots of (train-pool position, logits over `n_classes`), filled by reservoir sampling: every sample
+    of the stream has the same chance size / n_seen of being held."""
+
+    def __init__(self, size: int, n_classes: int):
+        super().__init__()
+        self.register_buffer("index", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("logits", torch.zeros(size, n_classes))
+        self.register_buffer("n_seen", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return min(int(self.n_seen), len(self.index))
+
+    @torch.no_grad()
+    def add(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Offer a batch of samples (their pool positions and logits) to the reservoir."""
+        slots, items = reservoir_slots(int(self.n_seen), len(positions), len(self.index), positions.device)
+        self.index[slots] = positions[items]
+        self.logits[slots] = logits.float()[items]
+        self.n_seen += len(positions)
+
+    def sample(self, size: int) -> torch.Tensor:
+        """Up to `size` distinct random filled slots."""
+        return torch.randperm(len(self))[:size].to(self.index.device)

@@ -1,17 +1,22 @@
-"""THE training loop (`Engine.fit`) and THE inference loop (`Engine.infer`): no method writes its own.
+"""THE training loop (`Engine.train` over a task's stages, `Engine.fit` for one stage) and THE inference loop
+(`Engine.infer`): no method writes its own.
 
-`fit` builds the optimiser and schedule from an `OptimConfig`, and for every batch calls
-`method.training_step(x, y)` -> dict of named losses (a method whose `train_data` yields extra fields per
-sample, such as its position in the train pool, receives them as further arguments), sums them, back-propagates, calls
-`method.before_optimizer_step()` (gradient surgery) and steps. Loss means are logged per epoch; a non-finite
-loss stops the run naming the task and epoch. On CUDA: bfloat16 autocast, channels_last, pinned memory.
+A task's training is the list of `Stage`s and `Action`s its method describes (utils/types.py). For a stage,
+`fit` builds the optimiser and schedule from the stage's `OptimConfig` over the parameters it trains, and for
+every batch calls `stage.step(x, y, ...)` -> dict of named losses (a method whose `train_data` yields extra
+fields per sample, such as its position in the train pool, receives them as further arguments), sums them,
+back-propagates, calls `method.before_optimizer_step()` (gradient surgery) and steps. After every epoch it calls
+the registered hooks (checkpoints, per-epoch evaluation, TensorBoard; in registration order, each may add
+metrics for the log line and the hooks after it) and logs the loss means. A non-finite loss stops the run
+naming the task, stage and epoch. On CUDA: bfloat16 autocast, channels_last, pinned memory.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -19,42 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils.checkpoint import set_rng_state
 from utils.registry import UserError
+from utils.types import Action, OptimConfig, Stage, Task
 
 log = logging.getLogger("cl")
 
 
 class NonFiniteLoss(UserError):
     pass
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    epochs: int
-    lrate: float
-    batch_size: int
-    opt_type: str = "sgd"
-    opt_mom: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    scheduler: str | None = None
-    milestones: tuple = ()
-    lrate_decay: float = 0.1
-
-    @classmethod
-    def from_config(cls, cfg, first_task: bool) -> "OptimConfig":
-        """The plain keys; in the first task each `init_*` key that is set replaces its plain key."""
-
-        def pick(name):
-            init = getattr(cfg, "init_" + name)
-            return init if first_task and init is not None else getattr(cfg, name)
-
-        return cls(epochs=pick("epochs"), lrate=pick("lrate"), batch_size=cfg.batch_size, opt_type=cfg.opt_type,
-                   opt_mom=pick("opt_mom"), nesterov=pick("nesterov"), weight_decay=pick("weight_decay"),
-                   scheduler=pick("scheduler"), milestones=tuple(pick("milestones")), lrate_decay=pick("lrate_decay"))
-
-    def replace(self, **changes) -> "OptimConfig":
-        return replace(self, **changes)
 
 
 def build_optimizer(params, opt: OptimConfig) -> torch.optim.Optimizer:
@@ -73,23 +51,57 @@ def build_scheduler(optimizer, opt: OptimConfig):
     return None
 
 
+@dataclass
+class EpochEnd:
+    """What the hooks see after every epoch of a stage."""
+
+    task: Task
+    stage: str
+    epoch: int  # epochs done in this stage, 1-based
+    epochs: int
+    losses: dict[str, float]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    metrics: dict[str, float] = field(default_factory=dict)  # hooks add e.g. test_acc here
+
+
+class Hook:
+    """Called by the engine after every epoch of every stage."""
+
+    def after_epoch(self, end: EpochEnd) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _trainable_only(method: torch.nn.Module, trains: Callable | None):
+    """Inside the block only the parameters of `trains()` require grad (all of them if None); the flags are
+    restored afterwards."""
+    if trains is None:
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in method.parameters()]
+    method.requires_grad_(False)
+    for part in trains():
+        part.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 class Engine:
     """Device, data loading and the two loops, shared by every method and stage."""
 
-    def __init__(self, device: torch.device, num_workers: int = 0, amp: bool = True, test_epoch: int = 0,
-                 writer=None):
-        self.device, self.num_workers, self.test_epoch, self.writer = device, num_workers, test_epoch, writer
+    def __init__(self, device: torch.device, num_workers: int = 0, amp: bool = True):
+        self.device, self.num_workers = device, num_workers
         self.cuda = device.type == "cuda"
         self.amp = amp and self.cuda
-        self.task_index = 0
-        self.fit_index = 0  # how many fit calls the current task has made (a task may train in stages)
-        self.epoch_eval: Callable[[], float] | None = None  # set by the runner: seen-class accuracy
-        self.on_epoch_end: Callable | None = None  # set by the runner: mid-task checkpoints
-        self.resume_from: dict | None = None  # set by the runner: the mid-task checkpoint to continue from
+        self.hooks: list[Hook] = []
         self.progress = sys.stderr.isatty()
 
-    def start_task(self, index: int) -> None:
-        self.task_index, self.fit_index = index, 0
+    def register(self, hook: Hook) -> None:
+        self.hooks.append(hook)
 
     def loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
@@ -103,85 +115,101 @@ class Engine:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    def fit(self, method, dataset, opt: OptimConfig, stage: str = "train") -> dict[str, float]:
-        """Train `method` on `dataset` for `opt.epochs` epochs; returns the last epoch's mean losses.
+    def train(self, method, task: Task, stages: list, resume: dict | None = None) -> None:
+        """Run a task's stages and actions in order. `resume` (a checkpoint's position inside the task: stage
+        name, epochs done, optimiser, scheduler and RNG state) skips what the checkpoint already holds and
+        continues that stage after its last saved epoch."""
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{type(method).__name__} names two stages alike: {names}")
+        start = 0
+        if resume is not None:
+            if resume["stage"] not in names:
+                raise UserError(f"the checkpoint stopped in stage '{resume['stage']}' of task {task.index}, which "
+                                f"this method does not have (its stages: {', '.join(names)})")
+            start = names.index(resume["stage"])
+        for i, stage in enumerate(stages[start:], start):
+            if isinstance(stage, Action):
+                with torch.no_grad():
+                    stage.run()
+            else:
+                self.fit(method, task, stage, resume if i == start else None)
 
-        When resuming inside a task, the stages that the checkpoint already finished are skipped (their effect
-        is in the loaded weights) and the interrupted one continues after its last saved epoch."""
-        fit_index, self.fit_index = self.fit_index, self.fit_index + 1
-        resume = self.resume_from
-        if resume is not None and fit_index < resume["fit_index"]:
-            return {}
+    def fit(self, method, task: Task, stage: Stage, resume: dict | None = None) -> dict[str, float]:
+        """Train one stage; returns the last epoch's mean losses."""
+        opt = stage.optim
         method.to(self.device)
         if self.cuda:
             method.to(memory_format=torch.channels_last)
-        params = [p for p in method.parameters_to_optimize() if p.requires_grad]
-        if not params:
-            raise RuntimeError(f"{type(method).__name__} has no trainable parameters in stage '{stage}'")
-        optimizer = build_optimizer(params, opt)
-        scheduler = build_scheduler(optimizer, opt)
-        loader = self.loader(dataset, opt.batch_size, train=True)
-        means: dict[str, float] = {}
-        first_epoch = 0
-        if resume is not None:
-            optimizer.load_state_dict(resume["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(resume["scheduler"])
-            first_epoch, self.resume_from = resume["epoch"], None
-            resume["restore_rng"]()
-        epochs = tqdm(range(first_epoch, opt.epochs), desc=f"task {self.task_index} {stage}",
-                      disable=not self.progress, leave=False)
-        for epoch in epochs:
-            start, sums, steps = time.perf_counter(), {}, 0
-            method.train()
-            for batch in tqdm(loader, leave=False, disable=not self.progress):
-                x, *rest = (self.to_device(t) for t in batch)  # (x, y), or (x, y, extra...) from train_data
-                with self.autocast():
-                    losses = method.training_step(x, *rest)
-                loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                method.before_optimizer_step()
-                optimizer.step()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                steps += 1
-            means = {name: float(total) / max(steps, 1) for name, total in sums.items()}
-            if not all(np.isfinite(v) for v in means.values()):
-                raise NonFiniteLoss(f"the loss became non-finite in task {self.task_index}, stage '{stage}', epoch "
-                                    f"{epoch + 1} ({_fmt(means)}); lower the learning rate (lrate) and rerun")
-            if scheduler is not None:
-                scheduler.step()
-            line = f"task {self.task_index} {stage} epoch {epoch + 1}/{opt.epochs} {_fmt(means)} " \
-                   f"lr {optimizer.param_groups[0]['lr']:.4g} ({time.perf_counter() - start:.1f} s)"
-            if self.test_epoch and self.epoch_eval is not None and (epoch + 1) % self.test_epoch == 0:
-                accuracy = self.epoch_eval()
-                line += f" test_acc {accuracy:.2f}"
-                self._scalar(f"task{self.task_index}/{stage}/test_acc", accuracy, epoch)
-            log.info(line)
-            for name, value in means.items():
-                self._scalar(f"task{self.task_index}/{stage}/{name}", value, epoch)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(fit_index, epoch + 1, optimizer, scheduler)
+        with _trainable_only(method, stage.trains):
+            params = [p for p in method.parameters() if p.requires_grad]
+            if not params:
+                raise RuntimeError(f"{type(method).__name__} has no trainable parameters in stage '{stage.name}'")
+            optimizer = build_optimizer(params, opt)
+            scheduler = build_scheduler(optimizer, opt)
+            loader = self.loader(stage.data(), opt.batch_size, train=True)
+            first_epoch = 0
+            if resume is not None:
+                optimizer.load_state_dict(resume["optimizer"])
+                if scheduler is not None:
+                    scheduler.load_state_dict(resume["scheduler"])
+                first_epoch = resume["epoch"]
+                set_rng_state(resume["rng"])
+            means: dict[str, float] = {}
+            epochs = tqdm(range(first_epoch, opt.epochs), desc=f"task {task.index} {stage.name}",
+                          disable=not self.progress, leave=False)
+            for epoch in epochs:
+                start = time.perf_counter()
+                means = self._epoch(method, stage, loader, optimizer)
+                if not all(np.isfinite(v) for v in means.values()):
+                    raise NonFiniteLoss(f"the loss became non-finite in task {task.index}, stage '{stage.name}', "
+                                        f"epoch {epoch + 1} ({_fmt(means)}); lower the learning rate (lrate) and "
+                                        "rerun")
+                if scheduler is not None:
+                    scheduler.step()
+                seconds = time.perf_counter() - start
+                end = EpochEnd(task, stage.name, epoch + 1, opt.epochs, means, optimizer, scheduler)
+                for hook in self.hooks:
+                    hook.after_epoch(end)
+                log.info(f"task {task.index} {stage.name} epoch {epoch + 1}/{opt.epochs} {_fmt(means)} "
+                         f"lr {optimizer.param_groups[0]['lr']:.4g} ({seconds:.1f} s)"
+                         + "".join(f" {k} {v:.2f}" for k, v in end.metrics.items()))
         return means
 
-    def _scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+    def _epoch(self, method, stage: Stage, loader: DataLoader, optimizer) -> dict[str, float]:
+        sums, steps = {}, 0
+        method.train()
+        for batch in tqdm(loader, leave=False, disable=not self.progress):
+            x, *rest = (self.to_device(t) for t in batch)  # (x, y), or (x, y, extra...) from train_data
+            with self.autocast():
+                losses = stage.step(x, *rest)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            method.before_optimizer_step()
+            optimizer.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            steps += 1
+        return {name: float(total) / max(steps, 1) for name, total in sums.items()}
 
     @torch.no_grad()
     def infer(self, fn: Callable, dataset, module: torch.nn.Module, batch_size: int = 256):
-        """Run `fn(x)` -> tensor or dict of tensors over `dataset` in eval mode; outputs concatenated on the CPU,
-        plus the targets."""
-        was_training = module.training
+        """Run `fn(x)` -> tensor or dict of tensors over `dataset` with `module` in eval mode; outputs concatenated
+        on the CPU, plus the targets. Every submodule's train/eval mode is restored afterwards."""
+        modes = [(m, m.training) for m in module.modules()]
         module.eval()
         outputs, targets = [], []
-        for x, y in self.loader(dataset, batch_size, train=False):
-            with self.autocast():
-                out = fn(self.to_device(x))
-            outputs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
-            targets.append(y)
-        module.train(was_training)
+        try:
+            for x, y in self.loader(dataset, batch_size, train=False):
+                with self.autocast():
+                    out = fn(self.to_device(x))
+                outputs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict)
+                               else out.float().cpu())
+                targets.append(y)
+        finally:
+            for m, mode in modes:
+                m.training = mode
         if outputs and isinstance(outputs[0], dict):
             merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         else:

@@ -1,0 +1,1 @@
+"""Class-incremental methods, one per file: a task at a time."""

@@ -9,7 +9,7 @@ together on a class-balanced set, so that their outputs become comparable. At te
 through every task's adapted path; the task is the head with the lowest "others" probability and the class is
 that head's argmax:
 
-    stage 1:  loss = others_CE(h_t(f_t(x)), y)                         (others_CE in methods/multi_steps/dynamic_er)
+    stage 1:  loss = others_CE(h_t(f_t(x)), y)                         (others_CE in utils/losses.py)
     stage 2:  loss = (1 / T) sum_i others_CE(h_i(f_i(x)), y)          on the balanced set, only the heads train
     test:     p_i = softmax(h_i(f_i(x))),  u_i = p_i[others],  t* = argmin_i u_i,  class = argmax p_t*[:n_t*]
 
@@ -35,46 +35,43 @@ Deviations from the paper / the original code:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from backbone import build_backbone
 from backbone.adapters import AdapterNet
 from methods import register_method
-from methods.base import Method
-from methods.multi_steps.dynamic_er import others_cross_entropy
+from methods.base import BalancedStageConfig, Method
 from utils.config import key
+from utils.losses import others_cross_entropy
 from utils.registry import UserError
-from utils.train_loop import OptimConfig
+from utils.types import OptimConfig, Stage
 
 
 @dataclass
-class ACLConfig:
+class ACLConfig(BalancedStageConfig):
     layer_names: list[str] = key(["layer1", "layer2", "layer3", "layer4"],
                                  "backbone modules that get an adapter before them (resnet18: layer1..layer4; "
                                  "mobilenet_v2: features.3 .5 .12 .15; resnet32: stage_1..stage_3)")
-    epochs_finetune: int = key(50, "epochs of the head re-balancing stage (tasks after the first)")
-    lrate_finetune: float = key(0.001, "Adam learning rate of the head re-balancing stage")
-    milestones_finetune: list[int] = key([15, 35], "multi_step milestones of the head re-balancing stage")
+    epochs_finetune: int = 50
+    lrate_finetune: float = 0.001
+    milestones_finetune: list[int] = key([15, 35])
 
 
 @register_method("acl", config=ACLConfig)
 class ACL(Method):
+    replay = "required"  # the "others" class is learnt from replayed samples
     merge_adapters = False  # DynaMMo: the network also holds the averaged adapters
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        if self.memory is None:
-            raise UserError(f"{cfg.method} learns its 'others' class from replayed samples: set memory_size > 0")
         if cfg.apply_nme:
             raise UserError(f"{cfg.method} classifies with its task heads; set apply_nme: false")
-        self.stage = "adapters"
 
     def build_network(self):
-        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path)
-        return AdapterNet(backbone, self.cfg.layer_names, self.data.img_size, merged=self.merge_adapters)
+        return AdapterNet(self.make_backbone(), self.cfg.layer_names, self.data.img_size, merged=self.merge_adapters)
 
     def before_task(self, task):
         self.network.requires_grad_(False)
@@ -82,34 +79,35 @@ class ACL(Method):
         if task.is_first and not (self.cfg.pretrained or self.cfg.freeze_fe):
             self.network.backbone.requires_grad_(True)
 
-    def train_task(self, task, new_data, engine):
-        self.stage = "adapters"
-        super().train_task(task, new_data, engine)
-        self.network.requires_grad_(False)
-        self.network.heads.requires_grad_(True)
-        balanced = None
-        if not task.is_first:
-            balanced = self.memory.balanced_indices(task, self.data, self.newest_features(engine))
-        self.consolidate(balanced, engine)
-        if balanced is None:
-            return
-        self.stage = "heads"
+    def stages(self, task, new_data, engine):
+        balanced = functools.cache(lambda: None if task.is_first else self.memory.balanced_indices(
+            task, self.data, self.newest_features(engine)))
+        stages = [Stage("adapters", lambda: self.train_data(task, new_data),
+                        OptimConfig.from_config(self.cfg, task.is_first), self.training_step),
+                  *self.consolidation(balanced, engine)]
+        if task.is_first:
+            return stages
         opt = OptimConfig.from_config(self.cfg, first_task=False).replace(
             epochs=self.cfg.epochs_finetune, lrate=self.cfg.lrate_finetune, opt_type="adam", weight_decay=0.0,
             scheduler="multi_step", milestones=tuple(self.cfg.milestones_finetune))
-        engine.fit(self, self.data.dataset("train", balanced), opt, stage="heads")
+        return [*stages, Stage("heads", lambda: self.data.dataset("train", balanced()), opt, self.heads_step,
+                               trains=lambda: [self.network.heads])]
 
-    def consolidate(self, balanced, engine) -> None:
-        """Between the two stages: nothing for ACL (DynaMMo merges the adapters here)."""
+    def consolidation(self, balanced, engine) -> list:
+        """Actions between the adapter and the head stage: none for ACL (DynaMMo merges the adapters here)."""
+        return []
 
     def paths(self) -> list:
         """The adapter paths inference runs: one per task."""
         return list(range(self.network.n_tasks))
 
     def training_step(self, x, y):
-        if self.stage == "adapters":
-            features = self.network(x, [self.task.index])[0]
-            return {"ce": others_cross_entropy(self.network.heads[-1](features), y, self.task.known, self.task.total)}
+        """Stage 1: the new task's adapters and head, memory samples labelled "others"."""
+        features = self.network(x, [self.task.index])[0]
+        return {"ce": others_cross_entropy(self.network.heads[-1](features), y, self.task.known, self.task.total)}
+
+    def heads_step(self, x, y):
+        """Stage 2: every task head on the class-balanced set, the adapters frozen."""
         with torch.no_grad():
             features = self.network(x, self.paths())
         losses = [others_cross_entropy(z, y, t.known, t.total) for z, t in zip(self.head_logits(features),

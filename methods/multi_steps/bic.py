@@ -17,7 +17,7 @@ Deviations:
   the task starts (the original: split_ratio * memory_size / known classes, the same number for non-fixed
   memory), at least one, drawn from a generator seeded by (run seed, task), so a rerun holds out the same.
 - Stage 2 uses the task's optimiser settings (as the original) but without weight decay, which would pull the
-  scale alpha towards 0; the backbone stays in eval mode there so its BN statistics do not move.
+  scale alpha towards 0; the frozen network runs in eval mode there so its BN statistics do not move.
 - `pretrain_path` and `freeze_fe` are honoured (the original ignores them for BiC).
 """
 from __future__ import annotations
@@ -27,16 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backbone import build_backbone
 from backbone.bias_layer import BiasCorrectedNet
 from methods import register_method
 from methods.base import Method
-from backbone.incremental_net import frozen_copy
-from methods.multi_steps.icarl import logits_and_old_logits
 from utils.config import key
 from utils.losses import weighted_kd_losses
 from utils.registry import UserError
-from utils.train_loop import OptimConfig
+from utils.types import OptimConfig, Stage
 
 
 def balanced_split(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np.random.Generator):
@@ -57,55 +54,38 @@ class BiCConfig:
 
 @register_method("bic", config=BiCConfig)
 class BiC(Method):
+    replay = "required"
+    distills = True
+    network_class = BiasCorrectedNet
+
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        if self.memory is None:
-            raise UserError("bic needs a replay memory: set memory_size > 0")
         if not 0.0 < cfg.split_ratio < 1.0:
             raise UserError(f"split_ratio must lie in (0, 1), got {cfg.split_ratio}")
-        self.stage = "train"
-
-    def build_network(self):
-        network = BiasCorrectedNet(build_backbone(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path))
-        if self.cfg.freeze_fe:
-            network.freeze_backbone()
-        return network
 
     def before_task(self, task):
-        self.old_network = None if task.is_first else frozen_copy(self.network)
         super().before_task(task)
+        self.network.bias_layers.requires_grad_(False)  # only the bias stage trains (the newest) one
 
-    def train_task(self, task, new_data, engine):
+    def stages(self, task, new_data, engine):
         opt = OptimConfig.from_config(self.cfg, task.is_first)
-        self.stage = "train"
         if task.is_first:  # nothing to correct yet
-            engine.fit(self, new_data, opt)
-            return
+            return [Stage("train", lambda: new_data, opt, self.training_step)]
         pool = np.concatenate([self.memory.indices(), self.data.indices("train", task.classes)])
         per_class = max(1, int(self.cfg.split_ratio * self.memory.quota(task.known)))
         rng = np.random.default_rng([self.data.seed, task.index])
         train_idx, val_idx = balanced_split(pool, self.data.train_y[pool], per_class, rng)
-        engine.fit(self, self.data.dataset("train", train_idx), opt)
-        self.stage = "bias"
-        engine.fit(self, self.data.dataset("train", val_idx), opt.replace(weight_decay=0.0), stage="bias")
-        self.stage = "train"
-
-    def parameters_to_optimize(self):
-        if self.stage == "bias":
-            return self.network.bias_layers[-1].parameters()
-        return (p for name, p in self.network.named_parameters() if not name.startswith("bias_layers."))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.stage == "bias":  # stage 2 fits alpha, beta on a frozen network
-            self.network.eval()
-        return self
+        return [Stage("train", lambda: self.data.dataset("train", train_idx), opt, self.training_step),
+                Stage("bias", lambda: self.data.dataset("train", val_idx), opt.replace(weight_decay=0.0),
+                      self.bias_step, trains=lambda: [self.network.bias_layers[-1]])]
 
     def training_step(self, x, y):
-        if self.stage == "bias":
-            with torch.no_grad():
-                raw_logits = self.network(x)["raw_logits"]
-            return {"bias_ce": self.seen_logits_ce(self.network.correct(raw_logits), y)}
-        logits, old_logits = logits_and_old_logits(self, x)
+        logits, old_logits = self.logits_and_old(x)
         logits = logits[:, : self.task.total]
-        return weighted_kd_losses(self.seen_logits_ce(logits, y), logits, old_logits, self.cfg.T)
+        return weighted_kd_losses(self.ce(logits, y), logits, old_logits, self.cfg.T)
+
+    def bias_step(self, x, y):
+        """Stage 2: fit the newest task's (alpha, beta) on the held-out set, the network frozen."""
+        with torch.no_grad():
+            raw_logits = self.network(x)["raw_logits"]
+        return {"bias_ce": self.ce(self.network.correct(raw_logits), y)}

@@ -19,11 +19,12 @@ Deviations:
 """
 from dataclasses import dataclass
 
-from backbone.prompt import CodaComponents, current_task_ce
+from backbone.prompt import CodaComponents
 from backbone.vit import prompted_vit_net
 from methods import register_method
 from methods.base import Method
 from utils.config import key
+from utils.losses import bounded_ce
 from utils.registry import UserError
 
 
@@ -37,8 +38,10 @@ class CodaPromptConfig:
 
 @register_method("coda_prompt", config=CodaPromptConfig)
 class CodaPrompt(Method):
+    replay = "none"
+
     def build_network(self):
-        return prompted_vit_net(self.cfg, self.data.img_size)
+        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
@@ -56,11 +59,8 @@ class CodaPrompt(Method):
         start, end = (self.cfg.prompt_pool * t // task.n_tasks for t in (task.index, task.index + 1))
         self.prompt.add_components(end - start)
 
-    def parameters_to_optimize(self):
-        return [*self.prompt.parameters(), *self.network.fc.parameters()]
-
     def training_step(self, x, y):
-        losses = {"ce": current_task_ce(self.forward_prompted(x), y, self.task.known, self.task.total)}
+        losses = {"ce": bounded_ce(self.forward_prompted(x), y, self.task.known, self.task.total)}
         if self.cfg.ortho_weight:
             losses["ortho"] = self.cfg.ortho_weight * self.prompt.orthogonality()
         return losses

@@ -6,7 +6,7 @@ goes into the blocks `g_layers`; one E(xpert)-prompt per task, each with a learn
 `e_layers`. Training on task t uses E-prompt t and pulls its key towards the queries ([CLS] feature of a frozen,
 prompt-free pass) with `pull_weight` * (1 - cos(query, key_t)); CE masks the logits of other tasks' classes.
 At test time the E-prompt whose key is closest to the query is used (top-1), and its index is reported as the
-predicted task ("task_id", scored by the runner as task-id accuracy). No replay.
+predicted task ("task_id", scored by the evaluation as task-id accuracy). No replay.
 
 Deviations:
 - At test time the key is matched among the tasks seen so far, not the whole pool (unseen keys are untrained).
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from backbone.prompt import PromptPool, concat_prefixes, current_task_ce, key_matching_loss
+from backbone.prompt import PromptPool, concat_prefixes
 from backbone.vit import prompted_vit_net
 from methods import register_method
 from methods.base import Method
 from utils.config import key
+from utils.losses import bounded_ce, key_matching_loss
 from utils.registry import UserError
 
 
@@ -38,8 +39,10 @@ class DualPromptConfig:
 
 @register_method("dual_prompt", config=DualPromptConfig)
 class DualPrompt(Method):
+    replay = "none"
+
     def build_network(self):
-        return prompted_vit_net(self.cfg, self.data.img_size)
+        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
@@ -52,13 +55,10 @@ class DualPrompt(Method):
         self.e_prompts = PromptPool(cfg.e_prompt_pool, cfg.e_prompt_length, vit.check_layers("e_layers", cfg.e_layers),
                                     vit.embed_dim)
 
-    def parameters_to_optimize(self):
-        return [*self.g_prompt.parameters(), *self.e_prompts.parameters(), *self.network.fc.parameters()]
-
     def training_step(self, x, y):
         task_ids = torch.full((len(x), 1), self.task.index, device=x.device)
         cos = self.e_prompts.similarity(self.network.backbone.query(x)).gather(1, task_ids)
-        return {"ce": current_task_ce(self.forward_prompted(x, task_ids), y, self.task.known, self.task.total),
+        return {"ce": bounded_ce(self.forward_prompted(x, task_ids), y, self.task.known, self.task.total),
                 "pull": self.cfg.pull_weight * key_matching_loss(cos)}
 
     def predict(self, x):

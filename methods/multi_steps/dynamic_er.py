@@ -31,80 +31,60 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from backbone import build_backbone
 from backbone.der_net import DERNet
 from methods import register_method
-from methods.base import Method
+from methods.base import BalancedStageConfig, Method
 from utils.config import key
-from utils.registry import UserError
-from utils.train_loop import OptimConfig
-
-
-def others_cross_entropy(logits: torch.Tensor, y: torch.Tensor, known: int, total: int) -> torch.Tensor:
-    """Cross-entropy of a head over the classes [known, total) plus a last "others" output:
-
-        target_i = y_i - known   if known <= y_i < total,   else  n = total - known ("others")
-        loss = mean_i CE(z_i, target_i)          z: (B, n + 1) logits"""
-    inside = (y >= known) & (y < total)
-    return F.cross_entropy(logits.float(), torch.where(inside, y - known, torch.full_like(y, total - known)))
+from utils.losses import others_cross_entropy
+from utils.types import OptimConfig, Stage
 
 
 @dataclass
-class DERConfig:
+class DERConfig(BalancedStageConfig):
     T: float = key(5.0, "temperature of the balanced fine-tuning loss CE(logits / T)")
-    epochs_finetune: int = key(30, "epochs of the classifier re-balancing stage (tasks after the first)")
-    lrate_finetune: float = key(0.05, "SGD learning rate of the re-balancing stage")
-    milestones_finetune: list[int] = key([], "multi_step milestones of the re-balancing stage")
+    epochs_finetune: int = 30
+    lrate_finetune: float = 0.05
 
 
 @register_method("dynamic_er", config=DERConfig)
 class DER(Method):
+    replay = "required"
+    network_class = DERNet
+
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        if self.memory is None:
-            raise UserError("dynamic_er needs a replay memory for its balanced classifier stage: set memory_size > 0")
         self.balanced_fc: nn.Linear | None = None
-        self.stage = "representation"
-
-    def build_network(self):
-        return DERNet(build_backbone(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path))
 
     def before_task(self, task):
         self.network.add_task(task.known, task.total, None if task.is_first else self.network.fc)
         if self.cfg.freeze_fe:
-            self.network.backbones.requires_grad_(False)
+            self.network.freeze_backbone()
         if not task.is_first:
             fc = self.network.fc
             self.balanced_fc = nn.Linear(fc.in_features, fc.out_features).to(fc.weight.device).requires_grad_(False)
 
-    def train_task(self, task, new_data, engine):
-        self.stage = "representation"
-        super().train_task(task, new_data, engine)
+    def stages(self, task, new_data, engine):
+        stages = super().stages(task, new_data, engine)
         if task.is_first:
-            return
-        features_of = lambda dataset: engine.features(self.network, dataset)  # noqa: E731
-        balanced = self.data.dataset("train", self.memory.balanced_indices(task, self.data, features_of))
-        self.network.requires_grad_(False)
-        self.balanced_fc.requires_grad_(True)
-        self.stage = "balance"
+            return stages
         opt = OptimConfig.from_config(self.cfg, first_task=False).replace(
             epochs=self.cfg.epochs_finetune, lrate=self.cfg.lrate_finetune, opt_type="sgd", opt_mom=0.9,
             nesterov=False, weight_decay=0.0, scheduler="multi_step", milestones=tuple(self.cfg.milestones_finetune))
-        engine.fit(self, balanced, opt, stage="balance")
-
-    def parameters_to_optimize(self):
-        return self.parameters()  # the frozen part (per stage) is filtered out by requires_grad
+        return [*stages, Stage("balance", lambda: self.balanced_set(task, engine), opt, self.balance_step,
+                               trains=lambda: [self.balanced_fc])]
 
     def training_step(self, x, y):
-        if self.stage == "balance":
-            with torch.no_grad():
-                features = self.network(x)["features"]
-            return {"balanced_ce": F.cross_entropy(self.balanced_fc(features).float() / self.cfg.T, y)}
         out = self.network(x)
-        losses = {"ce": self.seen_logits_ce(out["logits"], y)}
+        losses = {"ce": self.ce(out["logits"], y)}
         if "aux_logits" in out:
             losses["aux_ce"] = others_cross_entropy(out["aux_logits"], y, self.task.known, self.task.total)
         return losses
+
+    def balance_step(self, x, y):
+        """Stage 2: the fresh classifier on the frozen features of the class-balanced set."""
+        with torch.no_grad():
+            features = self.network(x)["features"]
+        return {"balanced_ce": F.cross_entropy(self.balanced_fc(features).float() / self.cfg.T, y)}
 
     def after_task(self, task, engine):
         if self.balanced_fc is not None:

@@ -18,10 +18,9 @@ Choices where the paper is silent, and deviations:
   too (the original's evident intent), or, with `recalibrate_bn: true`, re-estimated as the plain average over
   the batches of the un-augmented balanced set passed through the merged path in train mode (from the second
   task on; after the first task the merge is the task's own adapter set).
-- The merge runs between stage 1 and stage 2 of `train_task`, because stage 2 must train the heads on the
-  merged features. It is the one weight change outside a `fit`, and a safe one: a cache that is a pure function
-  of the stored task adapters (and, with recalibration, of the balanced set), so a run resumed inside the task
-  recomputes exactly what the checkpoint holds.
+- The merge is an `Action` between the adapter stage and the head stage, because stage 2 must train the heads
+  on the merged features; the merged adapters are parameters of the network, so a run resumed in stage 2 loads
+  them from the checkpoint instead of merging again.
 - The original repository's DynaMMo cannot be loaded (a misspelt class, an unimportable file, an undefined
   averaging function) and its merged forward still replicated the batch T times; this is a single pass.
 - Everything else (heads, losses, stages, scores, memory) is ACL's, deviations included.
@@ -34,6 +33,7 @@ from backbone.adapters import MERGED, bn_recalibration
 from methods import register_method
 from methods.multi_steps.acl import ACL, ACLConfig
 from utils.config import key
+from utils.types import Action
 
 
 @dataclass
@@ -46,7 +46,11 @@ class DynaMMoConfig(ACLConfig):
 class DynaMMo(ACL):
     merge_adapters = True
 
-    def consolidate(self, balanced, engine):
+    def consolidation(self, balanced, engine):
+        return [Action("merge", lambda: self.merge(balanced(), engine))]
+
+    def merge(self, balanced, engine) -> None:
+        """Average the task adapters into the merged set (and re-estimate its BN statistics on the balanced set)."""
         self.network.merge()
         if self.cfg.recalibrate_bn and balanced is not None:
             with bn_recalibration(self.network.merged):

@@ -26,14 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from methods import register_method
 from methods.base import Method
 from utils.config import key
-from utils.losses import class_task_bounds, task_ce
-from utils.registry import UserError
-from utils.train_loop import OptimConfig
+from utils.types import OptimConfig, Stage
 
 
 def gem_project(g: torch.Tensor, memory_grads: torch.Tensor, memory_strength: float, eps: float = 1e-3):
@@ -56,32 +53,32 @@ class GEMConfig:
 
 @register_method("gem", config=GEMConfig)
 class GEM(Method):
+    replay = "required"  # an episodic memory per past task
+
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        if self.memory is None:
-            raise UserError("gem needs an episodic memory: set memory_size, or fixed_memory: true with "
-                            "memory_per_class")
-        self.register_buffer("class_bounds", class_task_bounds(data.tasks), persistent=False)
-        self.task_memories: list[tuple[torch.Tensor, torch.Tensor]] = []  # per past task, rebuilt each task
+        self.task_memories: list[tuple[torch.Tensor, torch.Tensor]] = []  # per past task, loaded per task
         self.memory_grads: torch.Tensor | None = None  # (past tasks, P) of the current step
 
-    def train_data(self, task, new_data):
-        return new_data
+    def stages(self, task, new_data, engine):
+        def new_data_and_memories():
+            """The stage trains on the new data only; the past tasks' memories are loaded beside it (without
+            augmentation, through the inference loop) for the constraints."""
+            device = self.class_means.device
+            self.task_memories = []
+            for past in self.data.tasks[: task.index]:
+                indices = np.concatenate([self.memory.exemplars[c] for c in past.classes])
+                images, labels = engine.infer(lambda x: x, self.data.dataset("train", indices, augment=False), self)
+                self.task_memories.append((images.to(device), labels.to(device)))
+            return new_data
 
-    def train_task(self, task, new_data, engine):
-        device = self.class_bounds.device
-        self.task_memories = []
-        for past in self.data.tasks[: task.index]:
-            indices = np.concatenate([self.memory.exemplars[c] for c in past.classes])
-            images, labels = engine.infer(lambda x: x, self.data.dataset("train", indices, augment=False), self)
-            self.task_memories.append((images.to(device), labels.to(device)))
-        engine.fit(self, self.train_data(task, new_data), OptimConfig.from_config(self.cfg, task.is_first))
-        self.task_memories = []
+        return [Stage("train", new_data_and_memories, OptimConfig.from_config(self.cfg, task.is_first),
+                      self.training_step)]
 
     def training_step(self, x, y):
         self.memory_grads = torch.stack([self._gradient(*memory) for memory in self.task_memories]) \
             if self.task_memories else None
-        return {"ce": self._ce(self.network(x)["logits"], y)}
+        return {"ce": self.ce(self.network(x)["logits"], y)}
 
     def before_optimizer_step(self):
         if self.memory_grads is None:
@@ -94,13 +91,12 @@ class GEM(Method):
                 p.grad = new.view_as(p).clone()
         self.memory_grads = None
 
-    def _params(self):
-        return [p for p in self.parameters_to_optimize() if p.requires_grad]
+    def after_task(self, task, engine):
+        self.task_memories = []
+        super().after_task(task, engine)
 
-    def _ce(self, logits, y):
-        if self.cfg.incre_type == "til":
-            return task_ce(logits, y, self.class_bounds)
-        return F.cross_entropy(logits[:, : self.task.total], y)
+    def _params(self):
+        return [p for p in self.parameters() if p.requires_grad]
 
     def _gradient(self, images, labels):
         """Flat gradient of the mean loss over one past task's memory, accumulated chunk by chunk."""
@@ -108,7 +104,7 @@ class GEM(Method):
         total = [torch.zeros_like(p) for p in params]
         size = self.cfg.replay_batch_size or self.cfg.batch_size
         for xb, yb in zip(images.split(size), labels.split(size)):
-            loss = self._ce(self.network(xb)["logits"], yb) * (len(yb) / len(labels))
+            loss = self.ce(self.network(xb)["logits"], yb) * (len(yb) / len(labels))
             for acc, grad in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
                 if grad is not None:
                     acc += grad

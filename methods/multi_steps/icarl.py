@@ -20,23 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from backbone.incremental_net import frozen_copy
 from methods import register_method
 from methods.base import Method
 from utils.config import key
 from utils.losses import kd_loss
 from utils.registry import UserError
-
-
-def logits_and_old_logits(method, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`method.network`'s logits on x and, once there is a previous network, its logits (without gradients)."""
-    if method.old_network is None:
-        return method.network(x)["logits"], None
-    with torch.no_grad():
-        old_logits = method.old_network(x)["logits"]
-    return method.network(x)["logits"], old_logits
 
 
 @dataclass
@@ -47,19 +35,17 @@ class ICaRLConfig:
 @register_method("icarl", config=ICaRLConfig)
 class ICaRL(Method):
     record = "nme"
+    replay = "required"
+    distills = True
 
     def __init__(self, cfg, data):
         if not cfg.apply_nme:
             raise UserError("icarl classifies by the nearest mean of exemplars: set apply_nme: true (and memory_size)")
         super().__init__(cfg, data)
 
-    def before_task(self, task):
-        self.old_network = None if task.is_first else frozen_copy(self.network)
-        super().before_task(task)
-
     def training_step(self, x, y):
-        logits, old_logits = logits_and_old_logits(self, x)
-        losses = {"ce": self.seen_logits_ce(logits, y)}
+        logits, old_logits = self.logits_and_old(x)
+        losses = {"ce": self.ce(logits, y)}
         if old_logits is not None:
             losses["kd"] = kd_loss(logits[:, : self.task.known], old_logits, self.cfg.T)
         return losses

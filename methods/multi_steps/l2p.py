@@ -18,11 +18,12 @@ Deviations:
 """
 from dataclasses import dataclass
 
-from backbone.prompt import PromptPool, current_task_ce, key_matching_loss
+from backbone.prompt import PromptPool
 from backbone.vit import prompted_vit_net
 from methods import register_method
 from methods.base import Method
 from utils.config import key
+from utils.losses import bounded_ce, key_matching_loss
 from utils.registry import UserError
 
 
@@ -37,8 +38,10 @@ class L2PConfig:
 
 @register_method("l2p", config=L2PConfig)
 class L2P(Method):
+    replay = "none"
+
     def build_network(self):
-        return prompted_vit_net(self.cfg, self.data.img_size)
+        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
@@ -48,12 +51,9 @@ class L2P(Method):
         self.pool = PromptPool(cfg.prompt_pool, cfg.prompt_length, vit.check_layers("prompt_layers", cfg.prompt_layers),
                                vit.embed_dim)
 
-    def parameters_to_optimize(self):
-        return [*self.pool.parameters(), *self.network.fc.parameters()]
-
     def training_step(self, x, y):
         logits, cos = self.forward_prompted(x)
-        return {"ce": current_task_ce(logits, y, self.task.known, self.task.total),
+        return {"ce": bounded_ce(logits, y, self.task.known, self.task.total),
                 "pull": self.cfg.pull_weight * key_matching_loss(cos)}
 
     def predict(self, x):

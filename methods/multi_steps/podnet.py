@@ -33,20 +33,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch.nn import functional as F
-
-from backbone.cosine_linear import CosineIncrementalNet, feature_distillation, pod_spatial
 from methods import register_method
-from methods.multi_steps.ucir import UCIR, BalancedFinetuneConfig
+from methods.base import BalancedStageConfig
+from methods.multi_steps.ucir import UCIR
 from utils.config import key
+from utils.losses import feature_distillation, nca_loss, pod_spatial, restrict_logits
 from utils.registry import UserError
 
 
 @dataclass
-class PODNetConfig(BalancedFinetuneConfig):
-    epochs_finetune: int = key(20, "epochs of class-balanced classifier fine-tuning after each later task (0: off)")
-    lrate_finetune: float = key(0.05, "learning rate of the class-balanced fine-tuning")
+class PODNetConfig(BalancedStageConfig):
+    epochs_finetune: int = 20
+    lrate_finetune: float = 0.05
     lambda_c_base: float = key(5.0, "POD-spatial weight, times sqrt(seen / new classes)")
     lambda_f_base: float = key(1.0, "POD-flat weight, times sqrt(seen / new classes)")
     nb_proxy: int = key(10, "proxies per class of the local-similarity classifier")
@@ -64,13 +62,12 @@ class PODNet(UCIR):
         if not self.cfg.layer_names:
             raise UserError("podnet: layer_names must name the backbone modules that POD-spatial distils, "
                             "e.g. [stage_1, stage_2, stage_3] (resnet32) or [layer1, layer2, layer3] (resnet18)")
-        return CosineIncrementalNet.from_config(self.cfg, self.cfg.nb_proxy, self.cfg.layer_names)
+        return self.cosine_network(self.cfg.layer_names)
 
     def training_step(self, x, y):
         out = self.network(x)
-        lo = self.task.known if self.cfg.incre_type == "til" else 0  # til: classify within the task
-        losses = {"nca": nca_loss(out["logits"][:, lo:], y - lo, self.cfg.nca_margin)}
-        if self.old_network is None or self.balancing:
+        losses = self.classification(out, y)
+        if self.old_network is None:
             return losses
         old = self.old_network(x)
         factor = math.sqrt(self.task.total / (self.task.total - self.task.known))
@@ -78,10 +75,5 @@ class PODNet(UCIR):
         losses["pod_spatial"] = self.cfg.lambda_c_base * factor * pod_spatial(out["maps"], old["maps"])
         return losses
 
-
-def nca_loss(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
-    """NCA loss with the margin on the positive only, hinged at 0 and averaged over the batch:
-    [ log Σ_{c≠y} exp(z_c) − (z_y − δ) ]₊ for scaled scores z = η ŷ (B, C) and margin δ."""
-    positive = F.one_hot(y, logits.shape[1]).bool()
-    negatives = logits.float().masked_fill(positive, float("-inf")).logsumexp(dim=1)
-    return F.relu(negatives - logits.float()[positive] + margin).mean()
+    def classification(self, out, y):
+        return {"nca": nca_loss(*restrict_logits(out["logits"], y, *self.class_bounds(y)), self.cfg.nca_margin)}

@@ -29,8 +29,6 @@ import torch
 
 from methods import register_method
 from methods.base import Method
-from backbone.incremental_net import frozen_copy
-from methods.multi_steps.icarl import logits_and_old_logits
 from utils.config import key
 from utils.losses import weighted_kd_losses
 
@@ -56,15 +54,13 @@ class WAConfig:
 
 @register_method("wa", config=WAConfig)
 class WA(Method):
-    def before_task(self, task):
-        self.old_network = None if task.is_first else frozen_copy(self.network)
-        super().before_task(task)
+    distills = True
 
     def training_step(self, x, y):
         self._clip()
-        logits, old_logits = logits_and_old_logits(self, x)
+        logits, old_logits = self.logits_and_old(x)
         logits = logits[:, : self.task.total]
-        return weighted_kd_losses(self.seen_logits_ce(logits, y), logits, old_logits, self.cfg.T)
+        return weighted_kd_losses(self.ce(logits, y), logits, old_logits, self.cfg.T)
 
     def after_task(self, task, engine):
         self._clip()

@@ -1,4 +1,4 @@
-"""DataManager: class order, the split of classes into tasks, and datasets for any set of classes.
+"""The scenario (DataManager): class order, the split of classes into tasks, and datasets for any set of classes.
 
 Labels are remapped once so that task t holds the contiguous labels [known, total) in the class order.
 Class order: the dataset's own order, or with `shuffle` a permutation drawn from `class_order_seed` (default: the
@@ -8,35 +8,26 @@ run's seed, as in the original). Datasets made of sub-datasets (`task_groups`) k
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from datasets import DATASETS
 from datasets.base import ImageDataset
 from utils.registry import UserError
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task: it adds the classes [known, total) of the remapped label space."""
-
-    index: int
-    known: int
-    total: int
-    n_tasks: int
-
-    @property
-    def classes(self) -> range:
-        return range(self.known, self.total)
-
-    @property
-    def is_first(self) -> bool:
-        return self.index == 0
+from utils.types import Task
 
 
 def data_root(cfg) -> str:
     return cfg.data_root or os.environ.get("DATA") or "data"
+
+
+def task_sizes(cfg, spec) -> tuple[int, int]:
+    """(init_cls, increment): the config's, else the dataset's defaults, each defaulting to the other."""
+    init_cls = cfg.init_cls or spec.default_init_cls or cfg.increment
+    increment = cfg.increment or spec.default_increment or init_cls
+    if init_cls is None:
+        raise UserError(f"dataset '{cfg.dataset}' needs init_cls and increment")
+    return init_cls, increment
 
 
 def split_classes(n_classes: int, init_cls: int, increment: int) -> list[int]:
@@ -76,11 +67,7 @@ class DataManager:
             steps = [groups[g] for g in group_order]
         else:
             order = rng.permutation(n) if cfg.shuffle else np.arange(n)
-            init_cls = cfg.init_cls or self.spec.default_init_cls or cfg.increment
-            increment = cfg.increment or self.spec.default_increment or init_cls
-            if init_cls is None:
-                raise UserError(f"dataset '{cfg.dataset}' needs init_cls and increment")
-            steps = split_classes(n, init_cls, increment)
+            steps = split_classes(n, *task_sizes(cfg, self.spec))
         if single_task or not cfg.split_dataset:
             steps = [n]
         self.class_order = [int(c) for c in order]

@@ -1,0 +1,86 @@
+"""Run every `options/*/digits.yaml` once (seed 1) and record what a refactoring must not change.
+
+    python benchmarks/parity.py run --out before.json [--root CHECKOUT] [--jobs 2]
+    python benchmarks/parity.py compare before.json after.json
+
+`run` trains each config through `main.py` in a subprocess with one thread (so the numbers do not depend on
+the machine's thread count) and writes, per config, the accuracy matrix, last and average incremental accuracy,
+and the GFLOPs and parameters after each task. `--root` runs another checkout (for example the commit before a
+restructuring) with the same driver. `compare` prints the configs whose numbers differ, and exits 1 if any do.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("acc_matrix", "last_acc", "avg_incremental_acc")
+
+
+def run_one(root: str, config: str, log_root: str) -> dict:
+    name = os.path.relpath(config, root)
+    cmd = [sys.executable, "main.py", "--config", name, "--seed", "1", "--device", "cpu", "--log_root",
+           os.path.join(log_root, name.replace("/", "_"))]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    (path,) = glob.glob(os.path.join(log_root, name.replace("/", "_"), "**", "results.json"), recursive=True)
+    with open(path) as f:
+        run = json.load(f)["runs"][0]
+    return {**{k: run[k] for k in KEYS}, "gflops": [t["gflops"] for t in run["tasks"]],
+            "params": [t["params"] for t in run["tasks"]], "train_time_s": sum(t["train_time_s"] for t in run["tasks"])}
+
+
+def run(root: str, out: str, jobs: int, only: list[str] | None) -> None:
+    configs = sorted(glob.glob(os.path.join(root, "options", "*", "digits.yaml")))
+    if only:
+        configs = [c for c in configs if os.path.basename(os.path.dirname(c)) in only]
+    with tempfile.TemporaryDirectory() as logs, ThreadPoolExecutor(jobs) as pool:
+        results = dict(zip((os.path.relpath(c, root) for c in configs),
+                           pool.map(lambda c: run_one(root, c, logs), configs)))
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    for name, r in results.items():
+        print(f"{name:40s} " + (r["error"] if "error" in r else f"last {r['last_acc']:.2f} ({r['train_time_s']:.0f} s)"))
+
+
+def compare(before: str, after: str) -> int:
+    with open(before) as f:
+        a = json.load(f)
+    with open(after) as f:
+        b = json.load(f)
+    differ = 0
+    for name in sorted(set(a) | set(b)):
+        x, y = a.get(name), b.get(name)
+        same = x is not None and y is not None and all(x.get(k) == y.get(k) for k in (*KEYS, "gflops", "params"))
+        differ += not same
+        status = "identical" if same else "DIFFERENT"
+        detail = "" if same or x is None or y is None else f" last {x.get('last_acc')} -> {y.get('last_acc')}"
+        print(f"{name:40s} {status}{detail}")
+    print(f"{len(set(a) | set(b)) - differ} identical, {differ} different")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--out", required=True)
+    r.add_argument("--root", default=ROOT)
+    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--methods", nargs="*")
+    c = sub.add_parser("compare")
+    c.add_argument("before")
+    c.add_argument("after")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(os.path.abspath(args.root), args.out, args.jobs, args.methods)
+    else:
+        sys.exit(compare(args.before, args.after))

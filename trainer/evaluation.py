@@ -1,0 +1,91 @@
+"""Evaluation after a task: the accuracy of every classifier `method.predict` returns (on the test data of the
+seen classes, per task and old/new), task-id accuracy for routing methods, the inference cost, and open-set
+scores. One `Engine.infer` pass serves every classifier."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from utils.flops import inference_cost
+from utils.metrics import score, task_scores
+
+log = logging.getLogger("cl")
+
+
+def evaluate(method, engine, data, task, cfg) -> dict:
+    """Accuracy (or mcr) of every classifier `method.predict` returns, on the test data of the seen classes."""
+    test = data.dataset("test", data.indices("test", range(task.total)))
+    scores, y = engine.infer(method.predict, test, method)
+    y = y.numpy()
+    result = {}
+    if "task_id" in scores:  # a routing method also returns the task it picked for each sample
+        result["task_id_acc"] = float(100.0 * np.mean(scores.pop("task_id").numpy() == data.class_of_task()[y]))
+    bounds = [(t.known, t.total) for t in data.tasks[: task.index + 1]]
+    if cfg.incre_type == "til":  # predict within the sample's own task
+        lo = torch.as_tensor([t.known for t in data.tasks])[data.class_of_task()[y]]
+        hi = torch.as_tensor([t.total for t in data.tasks])[data.class_of_task()[y]]
+        cols = torch.arange(task.total)
+        scores = {k: v.masked_fill((cols < lo[:, None]) | (cols >= hi[:, None]), float("-inf"))
+                  for k, v in scores.items()}
+    for key, value in scores.items():
+        pred = value.argmax(1).numpy()
+        result[key] = {"acc": score(y, pred, cfg.eval_metric),
+                       "acc_per_task": task_scores(y, pred, bounds, cfg.eval_metric),
+                       "old_acc": score(y[y < task.known], pred[y < task.known], cfg.eval_metric),
+                       "new_acc": score(y[y >= task.known], pred[y >= task.known], cfg.eval_metric)}
+        if cfg.save_pred_record:
+            result[key]["pred"] = pred
+    result["targets"] = y
+    return result
+
+
+def openset_scores(method, engine, data, task) -> dict | None:
+    """Seen classes (known) against every test sample of later tasks (unknown), scored by the method's
+    confidence: AUROC, FPR at 95% TPR, and average precision with 'known' as the positive class."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    if task.index == len(data.tasks) - 1:
+        return None
+    test = data.dataset("test", data.indices("test", range(data.n_classes)))
+    scores, y = engine.infer(method.predict, test, method)
+    scores.pop("task_id", None)
+    confidence = method.openset_confidence(scores).numpy()
+    known = (y.numpy() < task.total).astype(int)
+    fpr, tpr, _ = roc_curve(known, confidence)
+    return {"auroc": 100 * roc_auc_score(known, confidence), "fpr95": 100 * float(fpr[np.searchsorted(tpr, 0.95)]),
+            "ap": 100 * average_precision_score(known, confidence)}
+
+
+def task_entry(method, engine, data, task, cfg, run_dir: str, seed: int) -> dict:
+    """The results.json entry of a task: every classifier, inference cost, open-set scores, prediction records."""
+    result = evaluate(method, engine, data, task, cfg)
+    gflops, params = inference_cost(method, data.img_size, engine.device)
+    main = result[method.record]
+    entry = {"task": task.index, "classes": [task.known, task.total], "acc": main["acc"],
+             "acc_per_task": main["acc_per_task"], "old_acc": _or_none(main["old_acc"]),
+             "new_acc": _or_none(main["new_acc"]), "cnn_acc": result["cnn"]["acc"],
+             "nme_acc": result["nme"]["acc"] if "nme" in result else None, "gflops": gflops, "params": params}
+    if "task_id_acc" in result:
+        entry["task_id_acc"] = result["task_id_acc"]
+    if cfg.openset_test:
+        entry["openset"] = openset_scores(method, engine, data, task)
+    if cfg.save_pred_record:
+        np.savez(os.path.join(run_dir, f"pred_record_seed{seed}_task{task.index}.npz"), targets=result["targets"],
+                 **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)})
+    log.info(f"task {task.index}: {cfg.eval_metric} {main['acc']:.2f} (per task "
+             f"{', '.join(f'{a:.1f}' for a in main['acc_per_task'])}; old {_pct(main['old_acc'])} new "
+             f"{_pct(main['new_acc'])})" + (f" nme {entry['nme_acc']:.2f}" if entry["nme_acc"] is not None else "")
+             + f" | {gflops:.4f} GFLOPs, {params / 1e6:.3f} M params")
+    return entry
+
+
+def _pct(v: float) -> str:
+    return "-" if np.isnan(v) else f"{v:.2f}"
+
+
+def _or_none(v: float) -> float | None:
+    """NaN (no old classes in the first task) is written as null: results.json stays strict JSON."""
+    return None if np.isnan(v) else float(v)

@@ -1,0 +1,107 @@
+"""What a run writes: its folder, config.yaml, results.json (written only by `ResultsFile`), results.csv and
+plots. results.json is rewritten atomically after every task, so an interrupted run keeps what it measured; its
+`summary` (mean and std over the finished seeds) is written when the run ends."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+
+import numpy as np
+import yaml
+
+from datasets import DATASETS
+from datasets.scenario import task_sizes
+from utils import report
+from utils.metrics import mean_std, summarize
+
+log = logging.getLogger("cl")
+RUN_KEYS = ("last_acc", "avg_incremental_acc", "forgetting", "bwt", "last_cnn_acc", "last_nme_acc",
+            "avg_incremental_nme_acc")
+
+
+def run_folder(cfg, root: str = "logs") -> str:
+    """logs/<method>/<dataset>/<backbone>_b<init>i<inc>/<note or timestamp>/, never an existing folder."""
+    spec = DATASETS.get(cfg.dataset)
+    if spec.task_groups:
+        split = f"tasks{len(spec.task_groups)}"
+    else:
+        split = "b{}i{}".format(*task_sizes(cfg, spec))
+    parent = os.path.join(root, cfg.method, cfg.dataset, f"{cfg.backbone}_{split}")
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    folder = os.path.join(parent, cfg.note or stamp)
+    if os.path.exists(folder):
+        folder = f"{folder}_{stamp}"
+    suffix = 1
+    while os.path.exists(folder):
+        folder, suffix = f"{folder.rsplit('~', 1)[0]}~{suffix}", suffix + 1
+    os.makedirs(folder)
+    return folder
+
+
+def write_json(path: str, data) -> None:
+    """Write JSON atomically: a temporary file, then a rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_config(cfg, path: str) -> None:
+    """The resolved config as a config file of our own schema (every key under basic:)."""
+    with open(path, "w") as f:
+        yaml.safe_dump({"basic": cfg.to_dict()}, f, sort_keys=False)
+
+
+def add_task(record: dict, entry: dict) -> None:
+    """Append a task's entry to a seed's record and recompute the run-level metrics from all entries."""
+    record["tasks"].append(entry)
+    tasks = record["tasks"]
+    record.update(summarize([t["acc"] for t in tasks], [t["acc_per_task"] for t in tasks]))
+    record["last_cnn_acc"] = tasks[-1]["cnn_acc"]
+    nme = [t["nme_acc"] for t in tasks if t["nme_acc"] is not None]
+    if nme:
+        record["last_nme_acc"], record["avg_incremental_nme_acc"] = nme[-1], float(np.mean(nme))
+
+
+def summary(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every run-level metric, the final cost and the training time."""
+    if not runs:
+        return {}
+    out = {k: mean_std([r.get(k) for r in runs]) for k in RUN_KEYS if any(r.get(k) is not None for r in runs)}
+    out["final_gflops"] = mean_std([r["tasks"][-1]["gflops"] for r in runs])
+    out["final_params"] = mean_std([r["tasks"][-1]["params"] for r in runs])
+    out["train_time_s"] = mean_std([sum(t.get("train_time_s", 0.0) for t in r["tasks"]) for r in runs])
+    return out
+
+
+class ResultsFile:
+    """`<run folder>/<name>.json` (results, or results_retest): config, class order per seed, the seeds' records
+    and, once the run is finished, the summary with results.csv and the plots beside it."""
+
+    def __init__(self, run_dir: str, cfg, name: str = "results", runs: list[dict] | None = None):
+        self.run_dir, self.cfg, self.name = run_dir, cfg, name
+        self.path = os.path.join(run_dir, f"{name}.json")
+        self.runs = list(runs or [])
+
+    def write(self, current: dict | None = None) -> None:
+        """The finished seeds' records, plus the record of the seed in progress."""
+        runs = self.runs + ([current] if current is not None else [])
+        write_json(self.path, self._content(runs, {}))
+
+    def finish(self) -> dict:
+        results = self._content(self.runs, summary([r for r in self.runs if r.get("complete")]))
+        write_json(self.path, results)
+        report.write_csv(results, os.path.join(self.run_dir, f"{self.name}.csv"))
+        report.plot(results, self.run_dir, prefix="" if self.name == "results" else f"{self.name}_")
+        s = results["summary"]
+        log.info(f"done: last {self.cfg.eval_metric} {s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f}, "
+                 f"average incremental {s['avg_incremental_acc']['mean']:.2f} ± "
+                 f"{s['avg_incremental_acc']['std']:.2f}, forgetting {s['forgetting']['mean']:.2f}, "
+                 f"{s['final_gflops']['mean']:.4f} GFLOPs ({len(self.runs)} seed(s)); results in {self.path}")
+        return results
+
+    def _content(self, runs: list[dict], summary_: dict) -> dict:
+        return {"config": self.cfg.to_dict(), "class_order": {str(r["seed"]): r["class_order"] for r in runs},
+                "runs": runs, "summary": summary_}
