@@ -104,9 +104,12 @@ class Engine:
         self.hooks.append(hook)
 
     def loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
+        """Training batches are shuffled with the global RNG (saved in checkpoints); inference batches come in
+        order and draw nothing from it (a DataLoader seeds its workers from its generator), so evaluating,
+        selecting exemplars or re-estimating BN statistics never changes what training draws next."""
         return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
-                          pin_memory=self.cuda, persistent_workers=False,
-                          drop_last=train and len(dataset) > batch_size)
+                          pin_memory=self.cuda, persistent_workers=False, drop_last=train and len(dataset) > batch_size,
+                          generator=None if train else torch.Generator())
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
