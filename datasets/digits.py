@@ -6,8 +6,6 @@ repeated to 3 channels, resized to `img_size` (default 32). The train/test split
 classes. No augmentation (flips and crops change a digit's meaning at 8 px). Mean/std are those of the data.
 """
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from datasets import DATASETS
 from datasets.base import CLDataset, Splits
@@ -21,6 +19,9 @@ class Digits(CLDataset):
     default_init_cls = default_increment = 2
 
     def load(self, root: str) -> Splits:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
         images = np.repeat(images[..., None], 3, axis=-1)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from datasets import DATASETS
-from datasets.base import ImageDataset
+from datasets.base import Pool, PoolView
 from utils.registry import UserError
 from utils.types import Task
 
@@ -80,6 +80,8 @@ class DataManager:
         bounds = np.cumsum([0] + steps)
         self.tasks = [Task(i, int(bounds[i]), int(bounds[i + 1]), len(steps)) for i in range(len(steps))]
         self.n_classes = n
+        self.batch_transforms = cfg.batch_transforms
+        self._pools: dict[str, Pool] = {}
 
     def class_of_task(self) -> np.ndarray:
         """task index of every (remapped) class."""
@@ -90,8 +92,12 @@ class DataManager:
         y = self.train_y if split == "train" else self.test_y
         return np.flatnonzero(np.isin(y, np.asarray(list(classes))))
 
-    def dataset(self, split: str, indices: np.ndarray, augment: bool | None = None) -> ImageDataset:
+    def pool(self, split: str) -> Pool:
+        if split not in self._pools:
+            x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+            self._pools[split] = Pool(self.spec, x, y, self.img_size, self.batch_transforms)
+        return self._pools[split]
+
+    def dataset(self, split: str, indices: np.ndarray, augment: bool | None = None) -> PoolView:
         """Samples of the train or test pool; `augment` defaults to True for train, False for test."""
-        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
-        augment = (split == "train") if augment is None else augment
-        return ImageDataset(x[indices], y[indices], self.spec.transform(augment, self.img_size), self.spec.use_path)
+        return PoolView(self.pool(split), indices, (split == "train") if augment is None else augment)

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import ConcatDataset
 
 from backbone import build_backbone
 from backbone.incremental_net import IncrementalNet, frozen_copy
 from utils.config import key
 from utils.losses import bounded_ce, class_task_bounds
-from utils.memory import ExemplarMemory
+from utils.memory import ExemplarMemory, FeatureCache
 from utils.registry import UserError
 from utils.types import OptimConfig, Stage, Task
 
@@ -98,7 +97,7 @@ class Method(nn.Module):
         """New-class data, plus the replay memory when there is one."""
         if self.memory is None or len(self.memory) == 0:
             return new_data
-        return ConcatDataset([new_data, self.data.dataset("train", self.memory.indices())])
+        return new_data + self.data.dataset("train", self.memory.indices())
 
     def stages(self, task: Task, new_data, engine) -> list:
         """The task's training: one stage of `training_step` on `train_data` with the task's optimiser keys."""
@@ -114,7 +113,7 @@ class Method(nn.Module):
     def after_task(self, task: Task, engine) -> None:
         """Update the memory for the new classes and, with apply_nme, the class means."""
         if self.memory is not None:
-            features_of = lambda dataset: engine.features(self.network, dataset)  # noqa: E731
+            features_of = self.features_of(engine)
             self.memory.update(task.classes, task.total, self.data, features_of)
             if self.cfg.apply_nme:
                 self.class_means = self.memory.class_means(self.data, features_of).to(self.class_means.device)
@@ -125,7 +124,7 @@ class Method(nn.Module):
         it picked, reported as task-id accuracy."""
         out = self.network(x)
         scores = {"cnn": out["logits"][:, : self.task.total]}
-        if self.class_means.numel():
+        if len(self.class_means) >= self.task.total:  # not inside a task, before its classes have means
             scores["nme"] = -torch.cdist(F.normalize(out["features"].float(), dim=1), self.class_means)
         return scores
 
@@ -181,8 +180,14 @@ class Method(nn.Module):
         """The class-balanced set of a second stage (DER, UCIR, PODNet): the memory as it will be after this task,
         i.e. the old exemplars plus as many samples of each new class, chosen like the memory on the network's
         features."""
-        features_of = lambda dataset: engine.features(self.network, dataset)  # noqa: E731
-        return self.data.dataset("train", self.memory.balanced_indices(task, self.data, features_of))
+        return self.data.dataset("train", self.memory.balanced_indices(task, self.data, self.features_of(engine)))
+
+    def features_of(self, engine, forward=None) -> FeatureCache:
+        """features_of(positions): the un-augmented train-pool samples through `forward` (default: the network's
+        penultimate features), each computed once."""
+        forward = forward or (lambda x: self.network(x)["features"])
+        return FeatureCache(lambda positions: engine.infer(forward, self.data.dataset("train", positions, augment=False),
+                                                           self)[0])
 
     def logits_and_old(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network's logits on x and, once there is a previous network, its logits (without gradients)."""

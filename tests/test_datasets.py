@@ -13,7 +13,7 @@ from conftest import ROOT
 from dataset_fixtures import FIXTURES, MEDMNIST_FLAGS, image, medmnist_npz, write_lines
 from datasets import DATASETS
 from datasets import check as dataset_check
-from datasets.base import ImageDataset
+from datasets.base import Pool, PoolView
 from datasets.skin8 import Skin8
 from utils.registry import UserError
 
@@ -43,8 +43,12 @@ def test_loader_reads_its_fixture(name, tmp_path):
     else:
         assert data.train_x.dtype == np.uint8 and data.train_x.ndim == 4 and data.train_x.shape[-1] == 3
     for train, x, y in ((True, data.train_x, data.train_y), (False, data.test_x, data.test_y)):
-        image_tensor, label = ImageDataset(x[:1], y[:1], spec.transform(train, 16), spec.use_path)[0]
-        assert image_tensor.shape == (3, 16, 16) and torch.isfinite(image_tensor).all() and label == y[0]
+        for batched in (True, False):  # in-memory pools: whole batches on the device, or per-sample PIL
+            view = PoolView(Pool(spec, x[:2], y[:2], 16, batched), np.arange(2), train)
+            image_tensor, label = view[0]
+            batch, labels = view.batch(torch.arange(2), torch.device("cpu"))
+            assert image_tensor.shape == (3, 16, 16) and torch.isfinite(image_tensor).all() and label == y[0]
+            assert batch.shape == (2, 3, 16, 16) and torch.isfinite(batch).all() and labels.tolist() == y[:2].tolist()
 
 
 def run_names():
@@ -242,7 +246,7 @@ def test_medmnist_any_size_and_v1_name(tmp_path):
     medmnist_npz(os.path.join(tmp_path, "medmnist", "dermamnist_64.npz"), 7, 3, size=64)
     spec, data = load("dermamnist", tmp_path)
     assert data.train_x.shape[1:] == (64, 64, 3) and spec.img_size == 64
-    x, _ = ImageDataset(data.train_x[:1], data.train_y[:1], spec.transform(True, 32), False)[0]
+    x, _ = PoolView(Pool(spec, data.train_x[:1], data.train_y[:1], 32, True), np.arange(1), True)[0]
     assert x.shape == (3, 32, 32)
     FIXTURES["mymedmnist"](str(tmp_path))
     os.rename(os.path.join(tmp_path, "medmnist", "organmnist_axial.npz"),

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import torch
 
-from utils.flops import inference_cost
 from utils.metrics import score, task_scores
 
 log = logging.getLogger("cl")
@@ -59,10 +58,11 @@ def openset_scores(method, engine, data, task) -> dict | None:
             "ap": 100 * average_precision_score(known, confidence)}
 
 
-def task_entry(method, engine, data, task, cfg, run_dir: str, seed: int) -> dict:
-    """The results.json entry of a task: every classifier, inference cost, open-set scores, prediction records."""
+def task_entry(method, engine, data, task, cfg, run_dir: str, seed: int, cost) -> dict:
+    """The results.json entry of a task: every classifier, inference cost (`cost`, a utils.flops.InferenceCost),
+    open-set scores, prediction records."""
     result = evaluate(method, engine, data, task, cfg)
-    gflops, params = inference_cost(method, data.img_size, engine.device)
+    gflops, params = cost(method, data.img_size, engine.device)
     main = result[method.record]
     entry = {"task": task.index, "classes": [task.known, task.total], "acc": main["acc"],
              "acc_per_task": main["acc_per_task"], "old_acc": _or_none(main["old_acc"]),

@@ -13,6 +13,7 @@ from trainer.resume import load_method
 from trainer.results import ResultsFile, add_task
 from trainer.task_loop import build
 from utils import checkpoint
+from utils.flops import InferenceCost
 from utils.logging import close_logging, setup_logging
 
 log = logging.getLogger("cl")
@@ -29,6 +30,7 @@ def retest(cfg, device: torch.device, run_dir: str) -> dict:
             saved_runs = {r["seed"]: r for r in json.load(f)["runs"]}
         for seed in cfg.seed:
             data, method, engine = build(cfg, seed, device)
+            cost = InferenceCost()
             record = {"seed": seed, "class_order": data.class_order, "tasks": []}
             for task in data.tasks:
                 method.task = task
@@ -38,7 +40,7 @@ def retest(cfg, device: torch.device, run_dir: str) -> dict:
                     path = checkpoint.latest_path(run_dir, seed)
                 if os.path.isfile(path):
                     load_method(method, checkpoint.load(path), device)
-                    entry = task_entry(method, engine, data, task, cfg, run_dir, seed)
+                    entry = task_entry(method, engine, data, task, cfg, run_dir, seed, cost)
                 else:
                     entry = dict(saved_runs[seed]["tasks"][task.index], retested=False)
                 add_task(record, entry)

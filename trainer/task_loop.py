@@ -19,6 +19,7 @@ from trainer.resume import read_checkpoint, restore
 from trainer.results import ResultsFile, add_task, run_folder, write_config
 from utils import checkpoint
 from utils.checkpoint import rng_state
+from utils.flops import InferenceCost
 from utils.logging import close_logging, setup_logging
 from utils.seed import set_seed
 from utils.train_loop import Engine
@@ -31,12 +32,13 @@ def build(cfg, seed: int, device: torch.device):
     set_seed(seed)
     single = METHODS.meta(cfg.method)["method_type"] in ("single_step", "pretrain")
     data = DataManager(cfg, seed, single_task=single)
-    return data, build_method(cfg, data), Engine(device, cfg.num_workers, cfg.amp)
+    return data, build_method(cfg, data), Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed)
 
 
 def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None) -> dict:
     """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record."""
     data, method, engine = build(cfg, seed, device)
+    cost = InferenceCost()
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     first, position = 0, None
     if resume is not None:
@@ -51,7 +53,11 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
         if where["done"] and cfg.save_models:
             checkpoint.save(checkpoint.task_path(run_dir, seed, where["task"]), state)
 
-    engine.register(EvalHook(cfg.test_epoch, lambda task: evaluate(method, engine, data, task, cfg)[method.record]["acc"]))
+    def accuracy(task):  # mid-task, a classifier without means for the new classes yet reports the CNN's
+        result = evaluate(method, engine, data, task, cfg)
+        return result.get(method.record, result["cnn"])["acc"]
+
+    engine.register(EvalHook(cfg.test_epoch, accuracy))
     tensorboard = None
     if cfg.logger_type == "tensorboard":
         tensorboard = TensorBoardHook(os.path.join(run_dir, "tensorboard", f"seed{seed}"))
@@ -59,6 +65,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
     engine.register(CheckpointHook(cfg.checkpoint_every, save))
     log.info(f"seed {seed}: {len(data.tasks)} tasks {[t.total - t.known for t in data.tasks]}, "
              f"class order {data.class_order}" + (f"; resuming at task {first}" if resume is not None else ""))
+    log.info(f"fast paths: {engine.describe()}")
     for task in data.tasks[first:]:
         method.task = task
         start = time.perf_counter()
@@ -70,7 +77,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
         position = None
         method.after_task(task, engine)
         train_time = time.perf_counter() - start
-        entry = task_entry(method, engine, data, task, cfg, run_dir, seed)
+        entry = task_entry(method, engine, data, task, cfg, run_dir, seed, cost)
         entry["train_time_s"] = train_time
         add_task(record, entry)
         if task.index == len(data.tasks) - 1:

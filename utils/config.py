@@ -57,7 +57,11 @@ class GlobalConfig:
     checkpoint_every: int = key(0, "also checkpoint every N epochs inside a task (0: only after each task)")
     save_pred_record: bool = key(False, "save test predictions and targets per task as .npz in the run folder")
     num_workers: int = key(0, "DataLoader worker processes")
-    amp: bool = key(True, "mixed precision on CUDA (ignored on CPU)")
+    amp: bool = key(True, "bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX); "
+                          "ignored elsewhere")
+    channels_last: bool = key(True, "channels-last memory format for images and convolution weights (CPU and CUDA)")
+    batch_transforms: bool = key(True, "in-memory datasets: augment, resize and normalise whole batches on the "
+                                       "training device (false: per-sample PIL transforms in DataLoader workers)")
     # data
     dataset: Optional[str] = key(help="registered dataset name (python main.py --list datasets)")
     data_root: Optional[str] = key(None, "folder holding the datasets (default: $DATA, else ./data)")

@@ -17,7 +17,7 @@ def restrict_logits(logits: torch.Tensor, y: torch.Tensor, lo, hi) -> tuple[torc
     shifted to y - lo (every y must lie in the range). (B,) tensors: each sample i its own range [lo_i, hi_i),
     so the other classes' logits are set to -inf and the targets stay as they are."""
     if isinstance(lo, int) and isinstance(hi, int):
-        return logits[:, lo:hi], y - lo
+        return logits[:, lo:hi].float(), y - lo
     cols = torch.arange(logits.shape[1], device=logits.device)
     outside = (cols < lo[:, None]) | (cols >= hi[:, None])
     return logits.float().masked_fill(outside, float("-inf")), y

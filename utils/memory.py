@@ -48,6 +48,27 @@ def closest_to_mean(features: torch.Tensor, m: int) -> np.ndarray:
     return torch.argsort(dist)[:m].numpy()
 
 
+class FeatureCache:
+    """`features_of(positions)` for train-pool positions: the features of a position are computed once, the
+    first time it is asked for (in one inference pass over every position not seen yet), then looked up, so
+    exemplar selection and class means share the pass over the new classes."""
+
+    def __init__(self, compute: Callable[[np.ndarray], torch.Tensor]):
+        self.compute = compute
+        self.positions, self.features = np.zeros(0, dtype=np.int64), None
+
+    def __call__(self, positions) -> torch.Tensor:
+        positions = np.asarray(positions, dtype=np.int64)
+        missing = np.setdiff1d(positions, self.positions)
+        if len(missing):
+            new = self.compute(missing)
+            merged = np.concatenate([self.positions, missing])
+            features = new if self.features is None else torch.cat([self.features, new])
+            order = np.argsort(merged, kind="stable")
+            self.positions, self.features = merged[order], features[torch.from_numpy(order)]
+        return self.features[torch.from_numpy(np.searchsorted(self.positions, positions))]
+
+
 class ExemplarMemory:
     def __init__(self, memory_size: int, fixed_memory: bool, memory_per_class: int | None, sampling_method: str,
                  n_classes: int, seed: int):
@@ -79,8 +100,9 @@ class ExemplarMemory:
     def update(self, classes, n_seen: int, data, features_of: Callable) -> None:
         """Shrink the old classes to the new quota, then select exemplars of `classes`.
 
-        `features_of(dataset)` returns the features of a dataset (the shared inference loop); it is called
-        once for all new classes, and not at all for random selection."""
+        `features_of(positions)` returns the features of those train-pool samples, un-augmented (the shared
+        inference loop, e.g. through a `FeatureCache`); it is called once for all new classes, and not at all for
+        random selection."""
         m = self.quota(n_seen)
         for c in self.exemplars:
             self.exemplars[c] = self.exemplars[c][:m]
@@ -88,7 +110,7 @@ class ExemplarMemory:
         features = None
         if m > 0 and self.sampling_method not in ("random", "reservoir") and any(len(p) > m for p in pools.values()):
             everything = np.concatenate(list(pools.values()))
-            features = F.normalize(features_of(data.dataset("train", everything, augment=False)).float(), dim=1)
+            features = F.normalize(features_of(everything).float(), dim=1)
         start = 0
         for c, pool in pools.items():
             part = None if features is None else features[start: start + len(pool)]
@@ -116,7 +138,7 @@ class ExemplarMemory:
     def class_means(self, data, features_of: Callable) -> torch.Tensor:
         """L2-normalised mean of the normalised exemplar features, one row per class 0..max (iCaRL's NME)."""
         idx = self.indices()
-        features = F.normalize(features_of(data.dataset("train", idx, augment=False)).float(), dim=1)
+        features = F.normalize(features_of(idx).float(), dim=1)
         labels = torch.as_tensor(data.train_y[idx])
         n = int(labels.max()) + 1
         sums = torch.zeros(n, features.shape[1]).index_add_(0, labels, features)

@@ -6,7 +6,6 @@ A^i = accuracy on all classes seen after task i, T = number of tasks trained so 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import recall_score
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, metric: str = "acc") -> float:
@@ -17,6 +16,8 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, metric: str = "acc") -> float:
     if metric == "acc":
         return float(100.0 * np.mean(y_pred == y_true))
     if metric == "mcr":
+        from sklearn.metrics import recall_score
+
         labels = np.unique(y_true)
         return float(100.0 * recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
     raise ValueError(f"unknown eval_metric '{metric}'")

@@ -132,6 +132,6 @@ class ACL(Method):
         return [head(features[i if len(features) > 1 else 0]) for i, head in enumerate(self.network.heads)]
 
     def newest_features(self, engine):
-        """features_of(dataset) through the newest task's adapters (exemplar and balanced-set selection)."""
+        """features_of(positions) through the newest task's adapters (exemplar and balanced-set selection)."""
         newest = self.network.n_tasks - 1
-        return lambda dataset: engine.infer(lambda x: self.network(x, [newest])[0], dataset, self.network)[0]
+        return self.features_of(engine, lambda x: self.network(x, [newest])[0])

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from methods import register_method
 from methods.base import Method
@@ -32,19 +31,6 @@ from utils.config import key
 from utils.losses import bounded_ce
 from utils.memory import ReservoirBuffer
 from utils.registry import UserError
-
-
-class _WithPoolIndex(Dataset):
-    """A dataset that also yields each sample's train-pool position (the buffer stores positions)."""
-
-    def __init__(self, dataset, positions):
-        self.dataset, self.positions = dataset, positions
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return (*self.dataset[i], int(self.positions[i]))
 
 
 @dataclass
@@ -67,7 +53,7 @@ class DarkER(Method):
         self.network.expand_head(self.data.n_classes)
 
     def train_data(self, task, new_data):
-        return _WithPoolIndex(new_data, self.data.indices("train", task.classes))
+        return new_data.with_positions()  # the buffer stores train-pool positions
 
     def training_step(self, x, y, position):
         logits = self.network(x)["logits"]
@@ -92,6 +78,5 @@ class DarkER(Method):
         """(images with the train augmentation, labels, stored logits) of a random buffer batch."""
         slots = self.memory.sample(self.cfg.replay_batch_size or self.cfg.batch_size)
         dataset = self.data.dataset("train", self.memory.index[slots].cpu().numpy())
-        images, labels = zip(*(dataset[i] for i in range(len(slots))))  # at most replay_batch_size decodes
-        device = self.memory.logits.device
-        return torch.stack(images).to(device), torch.as_tensor(labels, device=device), self.memory.logits[slots]
+        images, labels = dataset.batch(torch.arange(len(slots)), self.memory.logits.device)
+        return images, labels, self.memory.logits[slots]

@@ -1,0 +1,122 @@
+"""End-to-end speed of the iCaRL reference budget, with every fast path on and off, side by side.
+
+    python benchmarks/speed.py [--seeds 1993] [--epochs 10] [--threads 1] [--rounds 1] [--before CHECKOUT]
+
+The budget (issue 17's, the one users compare frameworks on): digits at 32 px, resnet32, 5 tasks x 2 classes,
+10 epochs per task, memory 200 (herding), SGD lr 0.1 momentum 0.9 weight decay 5e-4, batch 32, constant rate.
+"on" is the default configuration (channels-last, bfloat16 autocast where native, batched in-memory data);
+"off" sets `--channels_last false --amp false --batch_transforms false` (per-sample PIL transforms). Each round
+runs both in this process, alternating which goes first; `--before DIR` also times the same command in another
+checkout (e.g. the commit before the speed work) in a subprocess, for the ratio against it. Prints, per mode, the
+wall time, the training images/s (the same workload in every mode) and the last NME accuracy, then the ratios;
+writes the table to benchmarks/out/speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--img_size", "32", "--init_cls", "2",
+          "--increment", "2", "--memory_size", "200", "--batch_size", "32", "--lrate", "0.1", "--init_lrate", "0.1",
+          "--opt_mom", "0.9", "--weight_decay", "5e-4", "--init_weight_decay", "5e-4", "--scheduler", "none",
+          "--device", "cpu", "--save_models", "false"]
+MODES = {"on": [], "off": ["--channels_last", "false", "--amp", "false", "--batch_transforms", "false"]}
+
+
+def training_images(seed: int, epochs: int) -> int:
+    """Samples one run trains on: per task, epochs x (new-class samples + the exemplars kept of the old classes)."""
+    from datasets.scenario import DataManager
+    from methods import method_config
+    from utils.config import load_config, parse_cli_overrides
+
+    os.chdir(ROOT)
+    cfg = load_config(BUDGET[1], parse_cli_overrides([*BUDGET[2:], "--seed", str(seed)]), method_config)
+    data = DataManager(cfg, seed)
+    total = 0
+    for task in data.tasks:
+        quota = cfg.memory_size // task.known if task.known else 0
+        memory = sum(min(len(data.indices("train", [c])), quota) for c in range(task.known))
+        total += epochs * (len(data.indices("train", task.classes)) + memory)
+    return total
+
+
+def run_here(argv: list[str]) -> tuple[float, dict]:
+    import main
+
+    os.chdir(ROOT)
+    start = time.perf_counter()
+    results = main.main(argv)
+    return time.perf_counter() - start, results["runs"][0]
+
+
+def run_checkout(root: str, argv: list[str], threads: int) -> tuple[float, dict]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "main.py", *argv], cwd=root, env=env, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    log_root = argv[argv.index("--log_root") + 1]
+    (path,) = glob.glob(os.path.join(log_root, "**", "results.json"), recursive=True)
+    with open(path) as f:
+        return seconds, json.load(f)["runs"][0]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--before", help="another checkout to time with the same command (subprocess)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "speed.md"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    modes = {**MODES, **({"before": None} if args.before else {})}
+    times = {m: [] for m in modes}
+    train_times = {m: [] for m in modes}
+    accuracy = {m: [] for m in modes}
+    images = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for seed in args.seeds:
+                images += training_images(seed, args.epochs)
+                order = list(modes) if r % 2 == 0 else list(reversed(modes))
+                for mode in order:
+                    run_argv = [*BUDGET, "--seed", str(seed), "--epochs", str(args.epochs), "--init_epochs",
+                                str(args.epochs), "--log_root", os.path.join(tmp, f"{mode}{r}_{seed}")]
+                    if mode == "before":
+                        seconds, run = run_checkout(os.path.abspath(args.before), run_argv, args.threads)
+                    else:
+                        seconds, run = run_here([*run_argv, *MODES[mode]])
+                    times[mode].append(seconds)
+                    train_times[mode].append(sum(t["train_time_s"] for t in run["tasks"]))
+                    accuracy[mode].append(run.get("last_nme_acc", run["last_acc"]))
+    rows = []
+    for mode in modes:
+        rows.append(f"| {mode} | {sum(times[mode]):.1f} | {images / sum(train_times[mode]):.1f} | "
+                    f"{statistics.mean(accuracy[mode]):.2f} |")
+    ratios = {f"wall {m} / on": sum(times[m]) / sum(times["on"]) for m in modes if m != "on"}
+    ratios.update({f"images/s on / {m}": sum(train_times[m]) / sum(train_times["on"]) for m in modes if m != "on"})
+    text = "\n".join([f"iCaRL budget, seeds {args.seeds}, {args.epochs} epochs per task, {args.threads} thread(s), "
+                      f"{args.rounds} round(s), CPU", "", "| mode | wall time (s) | training images/s | last NME acc |",
+                      "|---|---|---|---|", *rows, "", *(f"- {k}: {v:.2f}x" for k, v in ratios.items())])
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
