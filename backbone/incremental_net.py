@@ -1,4 +1,8 @@
-"""IncrementalNet: a backbone plus a linear head that grows with each task and keeps its old rows."""
+"""IncrementalNet: a backbone plus a linear head that grows with each task and keeps its old rows.
+
+New rows start as in PyCIL's incremental networks: weights uniform with He's bound for a linear layer,
+sqrt(3 / in_features), and zero biases (torch's default draws the biases too and makes the weights sqrt(3)
+times smaller)."""
 from __future__ import annotations
 
 import copy
@@ -23,6 +27,8 @@ class IncrementalNet(nn.Module):
         if n_classes <= self.n_classes:
             return
         old, fc = self.fc, nn.Linear(self.feature_dim, n_classes)
+        nn.init.kaiming_uniform_(fc.weight, nonlinearity="linear")
+        nn.init.zeros_(fc.bias)
         if old is not None:
             fc = fc.to(old.weight.device)
             with torch.no_grad():

@@ -1,7 +1,10 @@
 """ResNets for small images and the "no final ReLU" variants used by UCIR/PODNet.
 
-- `resnet32` (He et al. 2016, CIFAR version): 3 stages of 5 basic blocks with 16/32/64 channels, 64-d features,
-  stages named `stage_1..stage_3` as in the original code. Global average pooling instead of the original's
+- `resnet32` (He et al. 2016, CIFAR version, section 4.2): 3 stages of 5 basic blocks with 16/32/64 channels,
+  64-d features, stages named `stage_1..stage_3` as in the original code. As in the paper (and the original's and
+  PyCIL's code), the shortcuts are identities, and where a stage halves the map and doubles the channels the
+  shortcut subsamples and pads the new channels with zeros (option A, no parameters); convolutions start from
+  He et al.'s normal init (std sqrt(2 / (k^2 * out channels))). Global average pooling instead of the original's
   fixed AvgPool(8), so any input size works (identical at 32 px).
 - `resnet18_cifar`: torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool (the usual CIFAR variant).
 - `cosine_resnet18`, `cosine_resnet32`: the same networks without the ReLU after the last residual addition
@@ -24,10 +27,14 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.stride, self.extra_channels = stride, c_out - c_in
         self.last_relu = last_relu
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity; subsampled and zero-padded in channels where the block changes the shape (option A)."""
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)) if self.extra_channels else x
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -49,6 +56,9 @@ class ResNet32(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stage_1, self.stage_2, self.stage_3 = stages
         self.feature_dim = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
         x = self.stage_3(self.stage_2(self.stage_1(self.conv1(x))))

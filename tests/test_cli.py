@@ -67,8 +67,10 @@ def test_device_resolution():
             resolve_device("0")
         with pytest.raises(UserError, match="no CUDA device"):
             resolve_device("cuda:1")
-    with pytest.raises(UserError, match="multi-GPU"):
+    with pytest.raises(UserError, match="one process per GPU"):  # main.py launches them
         resolve_device("0,1")
+    with pytest.raises(UserError, match="twice"):
+        resolve_device("0,0")
 
 
 def test_entry_point_exits_non_zero_without_traceback(tmp_path):

@@ -114,11 +114,14 @@ def test_an_epoch_depends_on_its_key_only_not_on_workers_or_the_global_rng():
     assert epoch_key(1, 0, "train", 0) not in (epoch_key(2, 0, "train", 0), epoch_key(1, 0, "bias", 0))
 
 
-def test_training_drops_the_last_partial_batch_and_inference_keeps_every_sample():
-    view = PoolView(_pool(), np.arange(10), True)
+def test_every_sample_is_seen_once_per_epoch_but_a_lone_last_one():
     engine = Engine(torch.device("cpu"))
-    assert [len(b[1]) for b in engine.batches(view, 4, shuffle=True).epoch(0)] == [4, 4]
-    assert [len(b[1]) for b in engine.batches(view, 4, shuffle=False).epoch(0)] == [4, 4, 2]
+    for batched_path in (True, False):
+        view = PoolView(_pool(batched_path), np.arange(10), True)
+        assert [len(b[1]) for b in engine.batches(view, 4, shuffle=True).epoch(0)] == [4, 4, 2]
+        assert sorted(torch.cat([b[1] for b in engine.batches(view, 3, shuffle=True).epoch(0)]).tolist()) != \
+            sorted(view.targets.tolist())  # 10 = 3 * 3 + 1: the single last sample is dropped in training
+        assert [len(b[1]) for b in engine.batches(view, 3, shuffle=False).epoch(0)] == [3, 3, 3, 1]
 
 
 class _Exploding(torch.nn.Module):

@@ -5,11 +5,14 @@ from utils.registry import UserError
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto' (CUDA if present, else MPS, else CPU), 'cpu', '0' / 'cuda:1' (one CUDA device)."""
+    """'auto' (CUDA if present, else MPS, else CPU), 'cpu', '0' / 'cuda:1' (one CUDA device); in a process of a
+    distributed launch, 'auto' and 'cuda' mean this process's GPU (LOCAL_RANK) and '0,1' its entry of the list."""
     spec = str(spec).strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", 0)
+            from utils.distributed import local_rank
+
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -17,10 +20,21 @@ def resolve_device(spec: str) -> torch.device:
         if spec == "mps" and not torch.backends.mps.is_available():
             raise UserError("device 'mps' was asked for but MPS is not available; use --device cpu")
         return torch.device(spec)
-    if "," in spec:
-        raise UserError(f"device '{spec}' names several GPUs; multi-GPU training is not supported yet, "
-                        "give one id such as --device 0")
-    index = spec[5:] if spec.startswith("cuda:") else ("0" if spec == "cuda" else spec)
+    if "," in spec:  # several GPUs: one process each (main.py launches them); this process takes its own
+        from utils.distributed import launched, local_rank
+
+        ids = device_ids(spec)
+        if not launched():
+            raise UserError(f"device '{spec}' names {len(ids)} GPUs: run through main.py, which starts one process "
+                            "per GPU, or torchrun")
+        if local_rank() >= len(ids):
+            raise UserError(f"device '{spec}' names {len(ids)} GPUs but this is process {local_rank()} of a launch")
+        spec = str(ids[local_rank()])
+    if spec == "cuda":
+        from utils.distributed import local_rank
+
+        spec = str(local_rank())
+    index = spec[5:] if spec.startswith("cuda:") else spec
     if not index.isdigit():
         raise UserError(f"unknown device '{spec}'; use auto, cpu, a GPU id such as 0, or cuda:1")
     if not torch.cuda.is_available():
@@ -28,3 +42,17 @@ def resolve_device(spec: str) -> torch.device:
     if int(index) >= torch.cuda.device_count():
         raise UserError(f"device '{spec}': there are only {torch.cuda.device_count()} CUDA devices")
     return torch.device("cuda", int(index))
+
+
+def device_ids(spec: str) -> list[int]:
+    """The CUDA ids of a list such as '0,1' or 'cuda:0,cuda:2'."""
+    ids = []
+    for part in str(spec).lower().split(","):
+        part = part.strip()
+        part = part[5:] if part.startswith("cuda:") else part
+        if not part.isdigit():
+            raise UserError(f"device list '{spec}' must name CUDA ids, such as 0,1")
+        ids.append(int(part))
+    if len(set(ids)) != len(ids):
+        raise UserError(f"device list '{spec}' names a GPU twice")
+    return ids

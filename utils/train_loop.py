@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils import distributed
 from utils.checkpoint import set_rng_state
 from utils.registry import UserError
 from utils.types import Action, OptimConfig, Stage, Task
@@ -63,57 +64,76 @@ def epoch_key(seed: int, task: int, stage: str, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, task, zlib.crc32(stage.encode()), epoch]).generate_state(1)[0])
 
 
-class SeededSampler(torch.utils.data.Sampler):
-    """One epoch's indices, shuffled by the epoch's key (or in order); for a dataset that `takes_seeds`, each
-    paired with the seed of its sample's augmentation, a function of the key and the index."""
+def epoch_order(n: int, key: int | None) -> torch.Tensor:
+    """The epoch's order of n samples: a permutation drawn from `key`, or 0..n-1 when key is None."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(key)) if key is not None else torch.arange(n)
 
-    def __init__(self, n: int, shuffle: bool, seeds: bool):
+
+def shard(order: torch.Tensor, batch_size: int, drop_last: bool, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's rows of each global batch of `order`: rows[rank::world] of every `batch_size` consecutive
+    ones (the whole batch on a single process), so the ranks together see each global batch once."""
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    return [order[start: start + batch_size][rank::world] for start in range(0, stop, batch_size)]
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """This rank's indices of one epoch (`shard` of the epoch's order); for a dataset that `takes_seeds`, each
+    paired with the seed of its sample's augmentation, a function of the epoch's key and the index. With
+    `batch_size / world` per DataLoader batch, the ranks' batches together are the global batches."""
+
+    def __init__(self, n: int, shuffle: bool, seeds: bool, batch_size: int, drop_last: bool, rank: int, world: int):
         self.n, self.shuffle, self.seeds, self.key = n, shuffle, seeds, 0
+        self.batch_size, self.drop_last, self.rank, self.world = batch_size, drop_last, rank, world
 
     def set_epoch(self, key: int) -> None:
         self.key = key
 
     def __len__(self) -> int:
-        return self.n
+        return sum(len(rows) for rows in shard(torch.arange(self.n), self.batch_size, self.drop_last, self.rank,
+                                               self.world))
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.key)) if self.shuffle \
-            else torch.arange(self.n)
+        order = epoch_order(self.n, self.key if self.shuffle else None)
         seeds = np.random.SeedSequence(self.key).generate_state(self.n) if self.seeds else None
-        for i in order.tolist():
-            yield (i, int(seeds[i])) if seeds is not None else i
+        for rows in shard(order, self.batch_size, self.drop_last, self.rank, self.world):
+            for i in rows.tolist():
+                yield (i, int(seeds[i])) if seeds is not None else i
 
 
 class Batches:
-    """Device batches of one dataset, an epoch at a time: shuffled by the epoch's key (dropping a last partial
-    batch, as training does) or in order. A view of an in-memory pool (`dataset.batched`) is gathered, augmented
+    """Device batches of one dataset, an epoch at a time: shuffled by the epoch's key or in order. Every sample is
+    seen once per epoch; training drops only a last batch of a single sample (batch norm cannot normalise one
+    sample of 1-d features). A view of an in-memory pool (`dataset.batched`) is gathered, augmented
     and normalised a whole batch at a time on the device; anything else goes through one DataLoader, whose
     workers persist from epoch to epoch."""
 
-    def __init__(self, engine: "Engine", dataset, batch_size: int, shuffle: bool):
+    def __init__(self, engine: "Engine", dataset, batch_size: int, shuffle: bool, whole: bool = False):
         self.engine, self.dataset, self.batch_size, self.shuffle = engine, dataset, batch_size, shuffle
-        self.drop_last = shuffle and len(dataset) > batch_size
+        n, world = len(dataset), engine.world
+        self.rank, self.world = (0, 1) if whole else (engine.rank, world)
+        # a last batch too small for every rank to get a sample (or a lone one, which batch norm cannot normalise)
+        self.drop_last = shuffle and 0 < n % batch_size < max(2, world) and n > batch_size
         self.loader = None
         if not getattr(dataset, "batched", False):
             workers = engine.num_workers
-            self.sampler = SeededSampler(len(dataset), shuffle, seeds=shuffle and getattr(dataset, "takes_seeds", False))
-            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                     pin_memory=engine.cuda, drop_last=self.drop_last, persistent_workers=workers > 0,
+            self.sampler = SeededSampler(n, shuffle, shuffle and getattr(dataset, "takes_seeds", False), batch_size,
+                                         self.drop_last, self.rank, self.world)
+            self.loader = DataLoader(dataset, batch_size=max(1, batch_size // self.world), sampler=self.sampler,
+                                     num_workers=workers, pin_memory=engine.cuda, persistent_workers=workers > 0,
                                      prefetch_factor=4 if workers else None, generator=torch.Generator())
 
-    def epoch(self, key: int) -> Iterator[tuple]:
+    def epoch(self, key: int | None) -> Iterator[tuple]:
+        """This rank's share of each batch of the epoch `key` (None: in order)."""
         to_device = self.engine.to_device
         if self.loader is not None:
-            self.sampler.set_epoch(key)
+            self.sampler.set_epoch(key or 0)
             for batch in self.loader:
                 yield tuple(to_device(t) for t in batch)
             return
-        n = len(self.dataset)
-        generator = torch.Generator().manual_seed(key) if self.shuffle else None
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            rows = order[start: start + self.batch_size]
+        key = key if self.shuffle else None
+        generator = torch.Generator().manual_seed(key) if key is not None else None
+        for rows in shard(epoch_order(len(self.dataset), key), self.batch_size, self.drop_last, self.rank,
+                          self.world):
             yield tuple(to_device(t) for t in self.dataset.batch(rows, self.engine.device, generator))
 
 
@@ -193,8 +213,9 @@ class Engine:
     """Device, data loading and the two loops, shared by every method and stage of one seed."""
 
     def __init__(self, device: torch.device, num_workers: int = 0, amp: bool = True, channels_last: bool = True,
-                 seed: int = 0):
-        self.device, self.num_workers, self.seed = device, num_workers, seed
+                 seed: int = 0, sync_bn: bool = False):
+        self.device, self.num_workers, self.seed, self.sync_bn = device, num_workers, seed, sync_bn
+        self.rank, self.world = distributed.rank(), distributed.world()
         self.cuda = device.type == "cuda"
         self.amp = amp and bf16_native(device)
         self.channels_last = channels_last and device.type in ("cpu", "cuda")
@@ -204,14 +225,16 @@ class Engine:
     def describe(self) -> str:
         """The fast paths in use, for the run log."""
         return (f"bfloat16 autocast {'on' if self.amp else 'off'}, channels-last {'on' if self.channels_last else 'off'}"
-                f", {self.num_workers} DataLoader workers for file datasets")
+                f", {self.num_workers} DataLoader workers for file datasets"
+                + (f", {self.world} processes (sync BN {'on' if self.sync_bn else 'off'})" if self.world > 1 else ""))
 
     def register(self, hook: Hook) -> None:
         self.hooks.append(hook)
 
     # ---- data ----
-    def batches(self, dataset, batch_size: int, shuffle: bool) -> "Batches":
-        return Batches(self, dataset, batch_size, shuffle)
+    def batches(self, dataset, batch_size: int, shuffle: bool, whole: bool = False) -> "Batches":
+        """Batches of `dataset`, split between the ranks of a distributed run (`whole`: every rank all of them)."""
+        return Batches(self, dataset, batch_size, shuffle, whole)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -247,10 +270,18 @@ class Engine:
         method.to(self.device)
         if self.channels_last:
             channels_last(method)
+        if self.sync_bn and self.world > 1:
+            distributed.sync_batchnorm(method, self.device)
         with _trainable_only(method, stage.trains):
             params = [p for p in method.parameters() if p.requires_grad]
             if not params:
                 raise RuntimeError(f"{type(method).__name__} has no trainable parameters in stage '{stage.name}'")
+            step = stage.step
+            if self.world > 1:  # the step through DistributedDataParallel: gradients averaged over the ranks
+                from torch.nn.parallel import DistributedDataParallel
+
+                step = DistributedDataParallel(_Step(method, stage.step), device_ids=[self.device] if self.cuda
+                                               else None, find_unused_parameters=True)
             optimizer = build_optimizer(params, opt)
             scheduler = build_scheduler(optimizer, opt)
             source = self.batches(stage.data(), opt.batch_size, shuffle=True)
@@ -267,7 +298,7 @@ class Engine:
             for epoch in epochs:
                 start = time.perf_counter()
                 batches = source.epoch(epoch_key(self.seed, task.index, stage.name, epoch))
-                means = self._epoch(method, stage, batches, optimizer)
+                means = self._epoch(method, step, batches, optimizer)
                 where = f"task {task.index}, stage '{stage.name}', epoch {epoch + 1}"
                 if not all(np.isfinite(v) for v in means.values()):
                     raise NonFiniteLoss(f"the loss became non-finite in {where} ({_fmt(means)}); lower the learning "
@@ -287,12 +318,12 @@ class Engine:
                          + "".join(f" {k} {v:.2f}" for k, v in end.metrics.items()))
         return means
 
-    def _epoch(self, method, stage: Stage, batches: Iterator[tuple], optimizer) -> dict[str, float]:
+    def _epoch(self, method, step: Callable, batches: Iterator[tuple], optimizer) -> dict[str, float]:
         sums, steps = {}, 0
         method.train()
         for batch in tqdm(batches, leave=False, disable=not self.progress):
             with self.autocast():
-                losses = stage.step(*batch)  # (x, y), or (x, y, extra...) from train_data
+                losses = step(*batch)  # (x, y), or (x, y, extra...) from train_data
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -301,38 +332,74 @@ class Engine:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             steps += 1
-        return {name: float(total) / max(steps, 1) for name, total in sums.items()}
+        means = {name: float(total) / max(steps, 1) for name, total in sums.items()}
+        if self.world > 1:  # the epoch's loss means over every rank's batches
+            names = sorted(means)
+            values = torch.tensor([means[n] for n in names], device=self.device)
+            torch.distributed.all_reduce(values)
+            means = dict(zip(names, (values / self.world).tolist()))
+        return means
 
     # ---- inference ----
     @torch.no_grad()
-    def infer(self, fn: Callable, dataset, module: torch.nn.Module, batch_size: int = 256):
+    def infer(self, fn: Callable, dataset, module: torch.nn.Module, batch_size: int = 256, whole: bool = False):
         """Run `fn(x)` -> tensor or dict of tensors over `dataset` in order, with `module` in eval mode; outputs
-        concatenated on the CPU, plus the targets. Every submodule's train/eval mode is restored afterwards."""
+        concatenated on the CPU, plus the targets. Every submodule's train/eval mode is restored afterwards.
+        In a distributed run each rank runs its share and every rank gets every output, in order (`whole`:
+        every rank runs all of them, for a pass with side effects such as re-estimating BN statistics)."""
         modes = [(m, m.training) for m in module.modules()]
         module.eval()
         if self.channels_last:
             channels_last(module)
+        whole = whole or len(dataset) < self.world  # every rank holds at least one row of its share
         outputs, targets = [], []
         try:
-            for x, y, *_ in self.batches(dataset, batch_size, shuffle=False).epoch(0):
+            for x, y, *_ in self.batches(dataset, batch_size, shuffle=False, whole=whole).epoch(None):
                 with self.autocast():
                     out = fn(x)
-                outputs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict)
-                               else out.float().cpu())
-                targets.append(y.cpu())
+                outputs.append({k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float())
+                targets.append(y)
         finally:
             for m, mode in modes:
                 m.training = mode
         if outputs and isinstance(outputs[0], dict):
             merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         else:
-            merged = torch.cat(outputs) if outputs else torch.zeros(0)
-        return merged, torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+            merged = torch.cat(outputs) if outputs else torch.zeros(0, device=self.device)
+        y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=self.device)
+        if self.world > 1 and not whole:
+            rows = torch.cat([torch.cat(shard(torch.arange(len(dataset)), batch_size, False, r, self.world) or
+                                        [torch.zeros(0, dtype=torch.long)]) for r in range(self.world)])
+            merged, y = _unshard(merged, rows), _unshard(y, rows)
+        return ({k: v.cpu() for k, v in merged.items()} if isinstance(merged, dict) else merged.cpu()), y.cpu()
 
     def features(self, network: torch.nn.Module, dataset) -> torch.Tensor:
         """Penultimate features `network(x)["features"]` of every sample, on the CPU."""
         network.to(self.device)
         return self.infer(lambda x: network(x)["features"], dataset, network)[0]
+
+
+class _Step(torch.nn.Module):
+    """A stage's step function as the forward of a module holding the method: what DistributedDataParallel
+    wraps, so that the method's own calls inside the step are synchronised."""
+
+    def __init__(self, method: torch.nn.Module, step: Callable):
+        super().__init__()
+        self.method, self.step = method, step
+
+    def forward(self, *batch):
+        return self.step(*batch)
+
+
+def _unshard(t, rows: torch.Tensor):
+    """Every rank's outputs of an in-order pass, concatenated in rank order and put back in the order of the
+    dataset: `rows` holds the dataset row of each of them (`shard` of 0..n-1 for rank 0, then rank 1, ...)."""
+    if isinstance(t, dict):
+        return {k: _unshard(v, rows) for k, v in t.items()}
+    parts = distributed.gather_cat(t)
+    out = torch.empty_like(parts)
+    out[rows.to(parts.device)] = parts
+    return out
 
 
 def _fmt(losses: dict[str, float]) -> str:

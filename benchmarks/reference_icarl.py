@@ -1,0 +1,100 @@
+"""iCaRL on the budget users compare frameworks with, seed by seed: per-task NME and CNN accuracy and wall time.
+
+    python benchmarks/reference_icarl.py [--seeds 1993 1 2] [--epochs 10] [--threads 1] [--pycil DIR]
+
+The budget (PyCIL's iCaRL loop on scikit-learn's digits): the stratified 80/20 split of datasets/digits.py,
+images resized to 32 px, no augmentation, resnet32, 5 tasks x 2 classes in the order
+np.random.RandomState(seed).permutation(10), 10 epochs per task, memory 200 (a fixed total, herding), SGD lr 0.1
+momentum 0.9 weight decay 5e-4, constant rate, batch 32, KD temperature 2. With `--pycil DIR` the same budget also
+runs in an unmodified PyCIL checkout (its main.py with the JSON config this script writes), provided that
+checkout has a `digits` entry in utils/data.py built the same way (PyCIL has no digits data set of its own); its
+per-task NME accuracy is read from its log. Prints one table per framework and the mean last NME accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--img_size", "32", "--init_cls", "2",
+          "--increment", "2", "--memory_size", "200", "--batch_size", "32", "--lrate", "0.1", "--init_lrate", "0.1",
+          "--opt_mom", "0.9", "--weight_decay", "5e-4", "--init_weight_decay", "5e-4", "--scheduler", "none",
+          "--device", "cpu", "--save_models", "false", "--shuffle", "true"]
+
+
+def ours(seed: int, epochs: int, log_root: str) -> dict:
+    import main
+
+    os.chdir(ROOT)
+    start = time.perf_counter()
+    run = main.main([*BUDGET, "--seed", str(seed), "--epochs", str(epochs), "--init_epochs", str(epochs),
+                     "--log_root", log_root])["runs"][0]
+    return {"nme": [t["nme_acc"] for t in run["tasks"]], "cnn": [t["cnn_acc"] for t in run["tasks"]],
+            "seconds": time.perf_counter() - start}
+
+
+def pycil(root: str, seed: int, epochs: int, threads: int, folder: str) -> dict:
+    """One seed of PyCIL's iCaRL on the same budget (epochs and rates patched through its JSON config)."""
+    config = {"prefix": "reference", "dataset": "digits", "memory_size": 200, "memory_per_class": 20,
+              "fixed_memory": False, "shuffle": True, "init_cls": 2, "increment": 2, "model_name": "icarl",
+              "convnet_type": "resnet32", "device": ["cpu"], "seed": [seed], "init_epoch": epochs, "epochs": epochs,
+              "init_lr": 0.1, "lrate": 0.1, "init_weight_decay": 5e-4, "weight_decay": 5e-4, "batch_size": 32,
+              "init_milestones": [10 ** 6], "milestones": [10 ** 6], "T": 2}
+    path = os.path.join(folder, f"icarl_digits_{seed}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "main.py", "--config", path], cwd=root, env=env, capture_output=True,
+                          text=True)
+    seconds = time.perf_counter() - start
+    text = proc.stdout + proc.stderr
+    nme = re.findall(r"NME top1 curve: \[([^\]]*)\]", text)
+    cnn = re.findall(r"CNN top1 curve: \[([^\]]*)\]", text)
+    if proc.returncode != 0 or not nme:
+        raise SystemExit(f"PyCIL run failed (seed {seed}): {text.strip().splitlines()[-1:]}")
+    return {"nme": [float(v) for v in nme[-1].split(",")], "cnn": [float(v) for v in cnn[-1].split(",")],
+            "seconds": seconds}
+
+
+def table(name: str, results: dict) -> str:
+    lines = [f"{name}", "| seed | NME per task | CNN per task | last NME | wall time (s) |", "|---|---|---|---|---|"]
+    for seed, r in results.items():
+        lines.append(f"| {seed} | {', '.join(f'{v:.1f}' for v in r['nme'])} | {', '.join(f'{v:.1f}' for v in r['cnn'])}"
+                     f" | {r['nme'][-1]:.2f} | {r['seconds']:.0f} |")
+    mean = sum(r["nme"][-1] for r in results.values()) / len(results)
+    return "\n".join(lines + [f"mean last NME accuracy: {mean:.2f}"])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pycil", help="an unmodified PyCIL checkout with a digits entry, to run side by side")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = {"ours": {}, "pycil": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            results["ours"][seed] = ours(seed, args.epochs, os.path.join(tmp, str(seed)))
+            if args.pycil:
+                results["pycil"][seed] = pycil(os.path.abspath(args.pycil), seed, args.epochs, args.threads, tmp)
+    print(table("this framework", results["ours"]))
+    if args.pycil:
+        print(table("PyCIL", results["pycil"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
