@@ -4,7 +4,6 @@ One `run_seed` per seed, with nothing shared between seeds (fresh data manager, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,13 +14,15 @@ from datasets.scenario import DataManager
 from methods import METHODS, build_method
 from trainer.evaluation import evaluate, task_entry
 from trainer.hooks import CheckpointHook, EvalHook, TensorBoardHook
-from trainer.resume import read_checkpoint, restore
-from trainer.results import ResultsFile, add_task, run_folder, write_config
+from trainer.resume import read_results, restore, resume_point
+from trainer.results import ResultsFile, RunLock, add_task, run_folder, write_config
 from utils import checkpoint
 from utils.checkpoint import rng_state
+from utils.memory import ExemplarMemory
 from utils.logging import close_logging, setup_logging
+from utils.registry import UserError
 from utils.seed import set_seed
-from utils.train_loop import Engine
+from utils.train_loop import Engine, NonFiniteLoss
 
 log = logging.getLogger("cl")
 
@@ -31,20 +32,58 @@ def build(cfg, seed: int, device: torch.device):
     set_seed(seed)
     single = METHODS.meta(cfg.method)["method_type"] in ("single_step", "pretrain")
     data = DataManager(cfg, seed, single_task=single)
-    return data, build_method(cfg, data), Engine(device, cfg.num_workers, cfg.amp)
+    method = build_method(cfg, data)
+    check_memory(cfg, data, method)
+    return data, method, Engine(device, cfg.num_workers, cfg.amp)
 
 
-def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None) -> dict:
-    """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record."""
-    data, method, engine = build(cfg, seed, device)
+def check_memory(cfg, data, method) -> str | None:
+    """A fixed per-class memory must keep at least one exemplar per class; a fixed total smaller than the number
+    of classes is allowed (as in the original) but empties classes in the last tasks: the warning to log."""
+    if not isinstance(method.memory, ExemplarMemory):
+        return None
+    if cfg.fixed_memory and method.memory.quota(data.n_classes) < 1:
+        raise UserError(f"fixed_memory: true with memory_size {cfg.memory_size} keeps memory_size // classes = 0 "
+                        f"exemplars of each of the {data.n_classes} classes; set memory_per_class or a larger "
+                        "memory_size")
+    empty = next((t.index for t in data.tasks if cfg.memory_size // t.total == 0), None) \
+        if not cfg.fixed_memory else None
+    if empty is not None:
+        return (f"memory_size {cfg.memory_size} is smaller than the {data.tasks[empty].total} classes seen by task "
+                f"{empty}: from then on the memory keeps no exemplar of a class")
+    return None
+
+
+def check_finite(method, what: str) -> None:
+    """Refuse to save or record a model whose parameters or buffers are not finite (a diverged model never
+    replaces the last good checkpoint)."""
+    for name, tensor in [*method.named_parameters(), *method.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteLoss(f"the model became non-finite ('{name}') {what}; nothing of it was saved or "
+                                "recorded (the last good checkpoint is kept); lower the learning rate (lrate) and "
+                                "rerun or resume")
+
+
+def _where(position: dict) -> str:
+    if position.get("done"):
+        return f"after task {position['task']}"
+    return f"in task {position['task']}, stage '{position['stage']}', epoch {position['epoch']}"
+
+
+def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None,
+             built=None) -> dict:
+    """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record.
+    `built`: the seed's (data, method, engine) when `build` already made them."""
+    data, method, engine = built or build(cfg, seed, device)
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     first, position = 0, None
     if resume is not None:
         record = resume["record"]
-        first, position = restore(method, data, resume, device)
+        first, position = restore(method, data, resume, device, resume["path"])
     os.makedirs(checkpoint.folder(run_dir), exist_ok=True)
 
     def save(where: dict, **extra) -> None:
+        check_finite(method, _where(where))
         state = {"config": cfg.to_dict(), "seed": seed, "position": where, "method": method.state_dict(),
                  "extra": method.extra_state(), "rng": rng_state(), "record": record, **extra}
         checkpoint.save(checkpoint.latest_path(run_dir, seed), state)
@@ -70,6 +109,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
         position = None
         method.after_task(task, engine)
         train_time = time.perf_counter() - start
+        check_finite(method, f"after task {task.index}")
         entry = task_entry(method, engine, data, task, cfg, run_dir, seed)
         entry["train_time_s"] = train_time
         add_task(record, entry)
@@ -87,27 +127,52 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
 
 def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None = None) -> tuple[dict, str]:
     """Train every seed in turn, or, given the folder of an unfinished run, continue it from its checkpoints.
-    Returns the results and the run folder (which holds results.json)."""
+    Returns the results and the run folder (which holds results.json).
+
+    Nothing is written before the config, the dataset, the backbone and the method of the first seed to run are
+    validated (and, when resuming, the checkpoint it continues from); a resume never rewrites config.yaml.
+    Only one process at a time works in a run folder (a lock the OS releases when the process ends)."""
     resuming = run_dir is not None
-    run_dir = run_dir or run_folder(cfg, log_root)
-    setup_logging(os.path.join(run_dir, "run.log"))
+    results_seen = read_results(run_dir) if resuming else None
+    done = {r["seed"] for r in results_seen["runs"] if r.get("complete")} if results_seen else set()
+    todo = [s for s in cfg.seed if s not in done]
+    lock = RunLock(run_dir) if resuming else None  # before reading checkpoints a running process may rewrite
     try:
-        results = ResultsFile(run_dir, cfg)
-        if resuming and os.path.isfile(results.path):
-            with open(results.path) as f:
-                results.runs = [r for r in json.load(f)["runs"] if r.get("complete")]
-        else:
-            write_config(cfg, os.path.join(run_dir, "config.yaml"))
-        log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
-                 f"device {device}" + (" | resuming" if resuming else ""))
-        done = {r["seed"] for r in results.runs}
-        for seed in cfg.seed:
-            if seed in done:
-                continue
-            latest = checkpoint.latest_path(run_dir, seed)
-            state = read_checkpoint(latest, cfg, run_dir) if resuming and os.path.isfile(latest) else None
-            results.runs.append(run_seed(cfg, seed, device, run_dir, on_task=results.write, resume=state))
-            results.write()
-        return results.finish(), run_dir
+        built = build(cfg, todo[0], device) if todo else None
+        first_state, note = None, None
+        if resuming and todo:
+            first_state, note = resume_point(run_dir, cfg, todo[0], len(built[0].tasks), results_seen)
+        if not resuming:
+            run_dir = run_folder(cfg, log_root)
+            lock = RunLock(run_dir)
+        setup_logging(os.path.join(run_dir, "run.log"))
+        try:
+            results = ResultsFile(run_dir, cfg)
+            if results_seen is not None:
+                results.runs = [r for r in results_seen["runs"] if r.get("complete")]
+            if not resuming:
+                write_config(cfg, os.path.join(run_dir, "config.yaml"))
+            log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
+                     f"device {device}" + (" | resuming" if resuming else ""))
+            warning = check_memory(cfg, built[0], built[1]) if built else None
+            if warning:
+                log.warning(warning)
+            for seed in todo:
+                if seed == todo[0]:
+                    state = first_state
+                else:
+                    built = build(cfg, seed, device)
+                    state, note = resume_point(run_dir, cfg, seed, len(built[0].tasks), results_seen) \
+                        if resuming else (None, None)
+                if note:
+                    log.warning(note)
+                results.runs.append(run_seed(cfg, seed, device, run_dir, on_task=results.write, resume=state,
+                                             built=built))
+                built = None
+                results.write()
+            return results.finish(), run_dir
+        finally:
+            close_logging()
     finally:
-        close_logging()
+        if lock is not None:
+            lock.release()
