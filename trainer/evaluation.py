@@ -11,6 +11,7 @@ import torch
 
 from utils.flops import inference_cost
 from utils.metrics import score, task_scores
+from utils.train_loop import NonFiniteLoss
 
 log = logging.getLogger("cl")
 
@@ -19,6 +20,7 @@ def evaluate(method, engine, data, task, cfg) -> dict:
     """Accuracy (or mcr) of every classifier `method.predict` returns, on the test data of the seen classes."""
     test = data.dataset("test", data.indices("test", range(task.total)))
     scores, y = engine.infer(method.predict, test, method)
+    refuse_non_finite(scores, f"when evaluated in task {task.index}")
     y = y.numpy()
     result = {}
     if "task_id" in scores:  # a routing method also returns the task it picked for each sample
@@ -40,6 +42,16 @@ def evaluate(method, engine, data, task, cfg) -> dict:
             result[key]["pred"] = pred
     result["targets"] = y
     return result
+
+
+def refuse_non_finite(scores: dict, when: str) -> None:
+    """A classifier whose scores are NaN or +inf comes from a diverged model: it is never recorded (-inf is a
+    legitimate mask)."""
+    for key, value in scores.items():
+        if value.is_floating_point() and bool((torch.isnan(value) | torch.isposinf(value)).any()):
+            raise NonFiniteLoss(f"the model's '{key}' scores are non-finite {when}: it diverged; nothing of it was "
+                                "saved or recorded (the last good checkpoint is kept); lower the learning rate "
+                                "(lrate) and rerun")
 
 
 def openset_scores(method, engine, data, task) -> dict | None:

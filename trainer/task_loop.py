@@ -12,7 +12,7 @@ import torch
 
 from datasets.scenario import DataManager
 from methods import METHODS, build_method
-from trainer.evaluation import evaluate, task_entry
+from trainer.evaluation import evaluate, refuse_non_finite, task_entry
 from trainer.hooks import CheckpointHook, EvalHook, TensorBoardHook
 from trainer.resume import read_results, restore, resume_point
 from trainer.results import ResultsFile, RunLock, add_task, run_folder, write_config
@@ -54,14 +54,32 @@ def check_memory(cfg, data, method) -> str | None:
     return None
 
 
-def check_finite(method, what: str) -> None:
-    """Refuse to save or record a model whose parameters or buffers are not finite (a diverged model never
-    replaces the last good checkpoint)."""
+def check_finite(method, engine, data, position: dict) -> None:
+    """Refuse to save or record a model whose parameters or buffers are not finite, or whose predictions on a few
+    test images are NaN or +inf (weights blown up to 1e29 are finite but no longer a model): a diverged model
+    never replaces the last good checkpoint. Cheap: once per save, on at most 8 images."""
+    where = _where(position)
     for name, tensor in [*method.named_parameters(), *method.named_buffers()]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteLoss(f"the model became non-finite ('{name}') {what}; nothing of it was saved or "
+            raise NonFiniteLoss(f"the model became non-finite ('{name}') {where}; nothing of it was saved or "
                                 "recorded (the last good checkpoint is kept); lower the learning rate (lrate) and "
                                 "rerun or resume")
+    probe = data.dataset("test", data.indices("test", range(data.tasks[position["task"]].total))[:8])
+    if len(probe):
+        refuse_non_finite(_predict(method, engine, torch.stack([probe[i][0] for i in range(len(probe))])), where)
+
+
+@torch.no_grad()
+def _predict(method, engine, x: torch.Tensor) -> dict:
+    """`method.predict` on one batch in eval mode (modes restored; no worker processes, no RNG drawn)."""
+    modes = [(m, m.training) for m in method.modules()]
+    method.eval()
+    try:
+        with engine.autocast():
+            return {k: v.float() for k, v in method.predict(engine.to_device(x)).items()}
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _where(position: dict) -> str:
@@ -71,19 +89,20 @@ def _where(position: dict) -> str:
 
 
 def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None,
-             built=None) -> dict:
+             built=None, restored: tuple | None = None) -> dict:
     """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record.
-    `built`: the seed's (data, method, engine) when `build` already made them."""
+    `built`: the seed's (data, method, engine) when `build` already made them; `restored`: what `restore` returned
+    when the method was already restored from `resume`."""
     data, method, engine = built or build(cfg, seed, device)
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     first, position = 0, None
     if resume is not None:
         record = resume["record"]
-        first, position = restore(method, data, resume, device, resume["path"])
+        first, position = restored or restore(method, data, resume, device, resume["path"])
     os.makedirs(checkpoint.folder(run_dir), exist_ok=True)
 
     def save(where: dict, **extra) -> None:
-        check_finite(method, _where(where))
+        check_finite(method, engine, data, where)
         state = {"config": cfg.to_dict(), "seed": seed, "position": where, "method": method.state_dict(),
                  "extra": method.extra_state(), "rng": rng_state(), "record": record, **extra}
         checkpoint.save(checkpoint.latest_path(run_dir, seed), state)
@@ -109,7 +128,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
         position = None
         method.after_task(task, engine)
         train_time = time.perf_counter() - start
-        check_finite(method, f"after task {task.index}")
+        check_finite(method, engine, data, {"task": task.index, "done": True})
         entry = task_entry(method, engine, data, task, cfg, run_dir, seed)
         entry["train_time_s"] = train_time
         add_task(record, entry)
@@ -139,9 +158,11 @@ def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None =
     lock = RunLock(run_dir) if resuming else None  # before reading checkpoints a running process may rewrite
     try:
         built = build(cfg, todo[0], device) if todo else None
-        first_state, note = None, None
+        first_state, note, restored = None, None, None
         if resuming and todo:
             first_state, note = resume_point(run_dir, cfg, todo[0], len(built[0].tasks), results_seen)
+            if first_state is not None:  # the checkpoint must fit the method before anything is written
+                restored = restore(built[1], built[0], first_state, device, first_state["path"])
         if not resuming:
             run_dir = run_folder(cfg, log_root)
             lock = RunLock(run_dir)
@@ -161,13 +182,13 @@ def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None =
                 if seed == todo[0]:
                     state = first_state
                 else:
-                    built = build(cfg, seed, device)
+                    built, restored = build(cfg, seed, device), None
                     state, note = resume_point(run_dir, cfg, seed, len(built[0].tasks), results_seen) \
                         if resuming else (None, None)
                 if note:
                     log.warning(note)
                 results.runs.append(run_seed(cfg, seed, device, run_dir, on_task=results.write, resume=state,
-                                             built=built))
+                                             built=built, restored=restored))
                 built = None
                 results.write()
             return results.finish(), run_dir

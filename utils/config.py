@@ -194,12 +194,13 @@ def declared_fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     fields = {}
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("help"):
-            base = next((b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)
-                         and f.name in {g.name for g in dataclasses.fields(b)}), None)
+        if not f.metadata.get("help"):  # the nearest base class that declares the key with its help
+            declared = (g for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)
+                        for g in dataclasses.fields(b) if g.name == f.name and g.metadata.get("help"))
+            base = next(declared, None)
             if base is not None:
                 f = copy.copy(f)
-                f.metadata = next(g for g in dataclasses.fields(base) if g.name == f.name).metadata
+                f.metadata = base.metadata
         fields[f.name] = (f, hints[f.name])
     return fields
 
@@ -340,6 +341,8 @@ def _is_number(token: str) -> bool:
 
 
 def _yaml_scalar(text: str) -> Any:
+    if not text.strip() or any(ord(c) < 32 for c in text):
+        return text  # kept as typed: YAML would read an empty value as null and fold a newline into a space
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
