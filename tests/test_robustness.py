@@ -22,7 +22,7 @@ from datasets import check as dataset_check
 from trainer import task_loop
 from methods import METHODS, method_config
 from utils import checkpoint, report, safe_pickle
-from utils.config import GlobalConfig, declared_fields
+from utils.config import GlobalConfig, declared_fields, load_config
 from utils.registry import UserError
 from utils.train_loop import Engine
 
@@ -138,6 +138,19 @@ def test_note_must_be_a_plain_folder_name(note, tmp_path, capsys):
 
 # ---- divergence -----------------------------------------------------------------------------------------------
 
+def rewound(finished, tmp_path) -> str:
+    """A copy of the finished run as it was right after task 0 (latest.pt and results.json of task 0), so that
+    resuming it trains task 1 only."""
+    run_dir = copy_run(finished, tmp_path)
+    shutil.copy(ckpt(run_dir, "seed1_task0.pt"), ckpt(run_dir, "seed1_latest.pt"))
+    os.remove(ckpt(run_dir, "seed1_task1.pt"))
+    results = dict(finished[1])
+    results["runs"] = [dict(results["runs"][0], tasks=results["runs"][0]["tasks"][:1], complete=False)]
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    return run_dir
+
+
 def _blow_up_after_epochs_of_task_1(monkeypatch, value):
     """After the last step of every epoch of task 1, the weights blow up (the epoch's mean loss stays finite)."""
     epoch = Engine._epoch
@@ -153,34 +166,56 @@ def _blow_up_after_epochs_of_task_1(monkeypatch, value):
     monkeypatch.setattr(Engine, "_epoch", patched)
 
 
-@pytest.mark.parametrize("checkpoint_every", ["0", "1"])
-def test_a_diverged_model_is_never_saved_or_recorded(checkpoint_every, tmp_path, capsys, monkeypatch):
-    """Weights of 5e29 are finite, but the model predicts inf/NaN: results.json and latest.pt keep task 0, and the
-    run resumes from there."""
+def test_a_diverged_model_is_never_saved_or_recorded(finished, tmp_path, capsys, monkeypatch):
+    """Weights of 5e29 are finite, but the model predicts inf/NaN: results.json and latest.pt stay as they were
+    after task 0, and the run resumes from there to the numbers of the run that never diverged."""
+    run_dir = rewound(finished, tmp_path)
+    before = files(run_dir)
     _blow_up_after_epochs_of_task_1(monkeypatch, 5e29)
-    line = fails(["--config", DIGITS, *TINY, "--save_models", "false", "--checkpoint_every", checkpoint_every,
-                  "--note", "run"], capsys, tmp_path)
+    line = fails(["--checkpoint_dir", run_dir], capsys)
     assert "task 1" in line and "non-finite" in line
-    (run_dir,) = run_folders(tmp_path)
-    with open(os.path.join(run_dir, "results.json")) as f:
-        assert len(json.load(f)["runs"][0]["tasks"]) == 1
-    assert checkpoint.load(checkpoint.latest_path(run_dir, 1))["position"] == {"task": 0, "done": True}
-    if checkpoint_every == "0":
-        return
+    after = files(run_dir)
+    assert {k: after[k] for k in before if k != "run.log"} == {k: v for k, v in before.items() if k != "run.log"}
+    assert set(after) - set(before) <= {"run.log"}, "no task checkpoint of the diverged model"
     monkeypatch.undo()
     assert main.cli(["--checkpoint_dir", run_dir]) == 0
     with open(os.path.join(run_dir, "results.json")) as f:
-        assert json.load(f)["runs"][0]["complete"]
+        assert json.load(f)["runs"][0]["acc_matrix"] == finished[1]["runs"][0]["acc_matrix"]
+
+
+def test_the_save_check_names_where_the_model_diverged():
+    """A checkpoint inside a stage (checkpoint_every) of a model with finite but blown-up weights is refused,
+    naming the task, stage and epoch; so is one with a non-finite buffer."""
+    cfg = load_config(DIGITS, {"device": "cpu", "seed": [1], "img_size": 8, "init_cls": 5, "increment": 5},
+                      method_config)
+    data, method, engine = task_loop.build(cfg, 1, torch.device("cpu"))
+    for task in data.tasks:
+        method.task = task
+        method.before_task(task)
+    where = {"task": 1, "done": False, "stage": "train", "epoch": 3}
+    task_loop.check_finite(method, engine, data, where)  # a sound model passes
+    with torch.no_grad():
+        for p in method.parameters():
+            p.mul_(5e29)
+    with pytest.raises(UserError, match="in task 1, stage 'train', epoch 3"):
+        task_loop.check_finite(method, engine, data, where)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.div_(5e29)
+    next(b for n, b in method.named_buffers() if n.endswith("running_var")).fill_(float("nan"))
+    with pytest.raises(UserError, match="running_var"):
+        task_loop.check_finite(method, engine, data, dict(where, done=True))
 
 
 @pytest.mark.xfail(strict=False, reason="needs the engine check (utils/train_loop.py): parameters and buffers are "
                                         "checked after every epoch, before any hook")
-def test_non_finite_weights_stop_naming_task_stage_and_epoch(tmp_path, capsys, monkeypatch):
+def test_non_finite_weights_stop_naming_task_stage_and_epoch(finished, tmp_path, capsys, monkeypatch):
+    run_dir = rewound(finished, tmp_path)
+    latest = files(run_dir)["checkpoints/seed1_latest.pt"]
     _blow_up_after_epochs_of_task_1(monkeypatch, float("inf"))
-    line = fails(["--config", DIGITS, *TINY, "--save_models", "false"], capsys, tmp_path)
+    line = fails(["--checkpoint_dir", run_dir], capsys)
+    assert files(run_dir)["checkpoints/seed1_latest.pt"] == latest
     assert "task 1" in line and "stage 'train'" in line and "epoch 1" in line
-    (run_dir,) = run_folders(tmp_path)
-    assert checkpoint.load(checkpoint.latest_path(run_dir, 1))["position"] == {"task": 0, "done": True}
 
 
 # ---- re-test trusts nothing it did not check -------------------------------------------------------------------
@@ -257,9 +292,10 @@ def test_resume_without_latest_continues_from_the_newest_task_checkpoint(finishe
 def test_truncated_latest_falls_back_to_the_newest_intact_task_checkpoint(finished, tmp_path):
     run_dir = copy_run(finished, tmp_path)
     os.remove(os.path.join(run_dir, "results.json"))
-    os.remove(ckpt(run_dir, "seed1_task1.pt"))
     with open(ckpt(run_dir, "seed1_latest.pt"), "r+b") as f:
         f.truncate(100)
+    with open(ckpt(run_dir, "seed1_task0.pt"), "r+b") as f:
+        f.truncate(100)  # an older task checkpoint being broken does not matter: the newest intact one is used
     assert main.cli(["--checkpoint_dir", run_dir]) == 0
     with open(os.path.join(run_dir, "results.json")) as f:
         assert json.load(f)["runs"][0]["acc_matrix"] == finished[1]["runs"][0]["acc_matrix"]
@@ -304,6 +340,17 @@ def test_resume_before_task_0_finished_keeps_config_yaml(finished, tmp_path, mon
     assert files(run_dir)["config.yaml"] == config
 
 
+def test_a_crafted_checkpoint_is_refused_not_skipped(finished, tmp_path, capsys):
+    """A truncated latest.pt is skipped for an older checkpoint; one crafted to run code stops the resume."""
+    run_dir = copy_run(finished, tmp_path)
+    os.remove(os.path.join(run_dir, "results.json"))
+    marker = tmp_path / "PWNED"
+    torch.save({"version": 1, "config": _Payload(str(marker))}, ckpt(run_dir, "seed1_latest.pt"))
+    before = files(run_dir)
+    assert "refused" in fails(["--checkpoint_dir", run_dir], capsys)
+    assert not marker.exists() and files(run_dir) == before
+
+
 def test_resume_refuses_a_checkpoint_that_does_not_fit(finished, tmp_path, capsys):
     run_dir = copy_run(finished, tmp_path)
     os.remove(os.path.join(run_dir, "results.json"))
@@ -346,29 +393,28 @@ def test_temporary_files_are_unique_fsynced_and_cleaned_up(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("target", ["torch.save", "json.dump"])
-def test_a_full_disk_keeps_the_previous_files(target, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_keeps_the_previous_files(target, finished, tmp_path, capsys, monkeypatch):
+    """The disk fills up while task 1's checkpoint (or results.json) is written: one line naming the file, the
+    previous files intact, no temporary file left behind."""
+    run_dir = rewound(finished, tmp_path) if target == "torch.save" else copy_run(finished, tmp_path)
+    if target == "json.dump":  # the run is finished but results.json lost its last task: resuming rewrites it
+        rewritten = dict(finished[1], runs=[dict(finished[1]["runs"][0], tasks=finished[1]["runs"][0]["tasks"][:1],
+                                                 complete=False)])
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(rewritten, f)
+    before = files(run_dir)
     module, name = target.split(".")
-    real, calls = getattr(__import__(module), name), []
 
     def full(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > (2 if target == "torch.save" else 1):  # task 0 is saved, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(__import__(module), name, full)
-    line = fails(["--config", DIGITS, *TINY], capsys, tmp_path)
-    (run_dir,) = run_folders(tmp_path)
+    line = fails(["--checkpoint_dir", run_dir], capsys)
     assert "No space left on device" in line and run_dir in line
     monkeypatch.undo()
+    after = files(run_dir)
+    assert {k: v for k, v in after.items() if k != "run.log"} == {k: v for k, v in before.items() if k != "run.log"}
     assert not glob.glob(os.path.join(run_dir, "**", ".*.tmp"), recursive=True)
-    latest = checkpoint.load(checkpoint.latest_path(run_dir, 1))["position"]  # intact: the write before the full one
-    assert latest == {"task": 0 if target == "torch.save" else 1, "done": True}
-    with open(os.path.join(run_dir, "results.json")) as f:
-        assert len(json.load(f)["runs"][0]["tasks"]) == 1
-    assert main.cli(["--checkpoint_dir", run_dir]) == 0  # with space again, the run resumes and finishes
-    with open(os.path.join(run_dir, "results.json")) as f:
-        assert json.load(f)["runs"][0]["complete"]
 
 
 def test_unwritable_log_roots(tmp_path, capsys, monkeypatch):

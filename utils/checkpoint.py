@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import tempfile
 from typing import Callable
 
@@ -110,7 +111,11 @@ def load(path: str) -> dict:
         raise UserError(f"checkpoint '{path}' is a folder, not a checkpoint file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt, refused (weights_only) or not a checkpoint at all
+    except Exception as err:  # refused by weights_only, truncated, corrupt or not a checkpoint at all
+        refused = re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(err))
+        if refused:  # crafted, not damaged: never fall back past it silently
+            raise UserError(f"checkpoint '{path}' is refused: it asks to load {refused.group(1)}, which no checkpoint "
+                            "of this framework holds (it may be crafted to run code)") from None
         raise UnreadableCheckpoint(f"checkpoint '{path}' cannot be read ({type(err).__name__}); it is truncated, "
                                    "corrupt or not a checkpoint of this framework") from None
     if not isinstance(data, dict) or data.get("version") != VERSION:
