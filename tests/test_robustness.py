@@ -361,6 +361,20 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(finished, tmp_path, capsy
     assert files(run_dir) == before
 
 
+def test_resume_refuses_an_optimizer_state_that_does_not_fit(finished, tmp_path, capsys):
+    """A checkpoint inside task 1's stage whose momentum buffers fit none of the network's parameters."""
+    run_dir = copy_run(finished, tmp_path)
+    os.remove(os.path.join(run_dir, "results.json"))
+    task0, task1 = (torch.load(ckpt(run_dir, f"seed1_task{t}.pt"), weights_only=True) for t in (0, 1))
+    inside = dict(task0, position={"task": 1, "done": False, "stage": "train", "epoch": 1}, scheduler=None,
+                  method=dict(task1["method"], class_means=task0["method"]["class_means"]),
+                  optimizer={"state": {0: {"momentum_buffer": torch.zeros(7, 7)}}, "param_groups": [{"params": [0]}]})
+    torch.save(inside, ckpt(run_dir, "seed1_latest.pt"))
+    before = files(run_dir)
+    assert "optimizer state" in fails(["--checkpoint_dir", run_dir], capsys)
+    assert files(run_dir) == before
+
+
 # ---- two processes, temporary files, full disks ----------------------------------------------------------------
 
 def test_a_second_process_on_a_run_folder_gets_one_line(finished, tmp_path, capsys):

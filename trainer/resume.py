@@ -143,6 +143,8 @@ def resume_point(run_dir: str, cfg, seed: int, n_tasks: int, results: dict | Non
     `seed<S>_task<T>.pt`. None when the seed left nothing behind (it starts from its first task). When the seed
     did leave something (a checkpoint, or tasks in results.json) but nothing to continue from, the resume stops:
     starting over would overwrite what the earlier part of the run wrote."""
+    if os.path.exists(checkpoint.folder(run_dir)) and not os.path.isdir(checkpoint.folder(run_dir)):
+        raise UserError(f"'{checkpoint.folder(run_dir)}' is a file; the run keeps its checkpoints in that folder")
     latest = checkpoint.latest_path(run_dir, seed)
     unreadable = []
     if os.path.exists(latest):
@@ -253,6 +255,25 @@ def _check_exemplars(memory, path: str, seen: int, pool: int) -> None:
             _fail(path, f"holds exemplars of class {c} outside the train pool (0..{pool - 1})")
 
 
+def _check_optimizer(method, optimizer: dict, path: str) -> None:
+    """The optimiser state of a checkpoint inside a stage: at most as many parameters as the method has, and
+    every per-parameter tensor (momentum, Adam moments) of the shape of one of the method's parameters."""
+    groups, per_param = optimizer.get("param_groups"), optimizer.get("state")
+    if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+            and isinstance(per_param, dict)):
+        _fail(path, "holds a malformed optimizer state")
+    shapes = {tuple(p.shape) for p in method.parameters()}
+    if sum(len(g["params"]) for g in groups) > len(list(method.parameters())):
+        _fail(path, "holds an optimizer state for more parameters than the method has")
+    for index, entry in per_param.items():
+        if not isinstance(entry, dict):
+            _fail(path, f"holds a malformed optimizer state for parameter {index}")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) not in shapes:
+                _fail(path, f"holds an optimizer state ('{name}' of parameter {index}) that fits none of the "
+                            "method's parameters")
+
+
 def load_method(method, state: dict, device: torch.device, path: str, task) -> None:
     """Check the checkpoint's state against the rebuilt method (see `check_state`), then load it."""
     method.to(device)
@@ -269,6 +290,8 @@ def restore(method, data, state: dict, device: torch.device, path: str) -> tuple
         method.task = task
         method.before_task(task)
     load_method(method, state, device, path, data.tasks[position["task"]])
+    if not position["done"]:
+        _check_optimizer(method, state["optimizer"], path)
     if position["done"]:
         set_rng_state(state["rng"])
         return position["task"] + 1, None

@@ -271,8 +271,10 @@ def _read_yaml(path: str) -> dict:
     if os.path.isdir(path):
         raise UserError(f"config file '{path}' is a folder; give a .yaml file such as "
                         "options/finetune_il/digits.yaml")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"config file '{path}' does not exist")
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}' is not a regular file; give a .yaml file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
