@@ -19,7 +19,7 @@ from conftest import ROOT
 from dataset_fixtures import FIXTURES
 from datasets import DATASETS
 from datasets import check as dataset_check
-from trainer import task_loop
+from trainer import guards, task_loop
 from methods import METHODS, method_config
 from utils import checkpoint, report, safe_pickle
 from utils.config import GlobalConfig, declared_fields, load_config
@@ -193,18 +193,18 @@ def test_the_save_check_names_where_the_model_diverged():
         method.task = task
         method.before_task(task)
     where = {"task": 1, "done": False, "stage": "train", "epoch": 3}
-    task_loop.check_finite(method, engine, data, where)  # a sound model passes
+    guards.check_finite(method, engine, data, where)  # a sound model passes
     with torch.no_grad():
         for p in method.parameters():
             p.mul_(5e29)
     with pytest.raises(UserError, match="in task 1, stage 'train', epoch 3"):
-        task_loop.check_finite(method, engine, data, where)
+        guards.check_finite(method, engine, data, where)
     with torch.no_grad():
         for p in method.parameters():
             p.div_(5e29)
     next(b for n, b in method.named_buffers() if n.endswith("running_var")).fill_(float("nan"))
     with pytest.raises(UserError, match="running_var"):
-        task_loop.check_finite(method, engine, data, dict(where, done=True))
+        guards.check_finite(method, engine, data, dict(where, done=True))
 
 
 @pytest.mark.xfail(strict=False, reason="needs the engine check (utils/train_loop.py): parameters and buffers are "

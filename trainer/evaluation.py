@@ -9,9 +9,9 @@ import os
 import numpy as np
 import torch
 
+from trainer.guards import refuse_non_finite
 from utils.flops import inference_cost
 from utils.metrics import score, task_scores
-from utils.train_loop import NonFiniteLoss
 
 log = logging.getLogger("cl")
 
@@ -42,16 +42,6 @@ def evaluate(method, engine, data, task, cfg) -> dict:
             result[key]["pred"] = pred
     result["targets"] = y
     return result
-
-
-def refuse_non_finite(scores: dict, when: str) -> None:
-    """A classifier whose scores are NaN or +inf comes from a diverged model: it is never recorded (-inf is a
-    legitimate mask)."""
-    for key, value in scores.items():
-        if value.is_floating_point() and bool((torch.isnan(value) | torch.isposinf(value)).any()):
-            raise NonFiniteLoss(f"the model's '{key}' scores are non-finite {when}: it diverged; nothing of it was "
-                                "saved or recorded (the last good checkpoint is kept); lower the learning rate "
-                                "(lrate) and rerun")
 
 
 def openset_scores(method, engine, data, task) -> dict | None:

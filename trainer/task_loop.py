@@ -12,17 +12,16 @@ import torch
 
 from datasets.scenario import DataManager
 from methods import METHODS, build_method
-from trainer.evaluation import evaluate, refuse_non_finite, task_entry
+from trainer.evaluation import evaluate, task_entry
+from trainer.guards import check_finite, check_memory
 from trainer.hooks import CheckpointHook, EvalHook, TensorBoardHook
 from trainer.resume import read_results, restore, resume_point
 from trainer.results import ResultsFile, RunLock, add_task, run_folder, write_config
 from utils import checkpoint
 from utils.checkpoint import rng_state
-from utils.memory import ExemplarMemory
 from utils.logging import close_logging, setup_logging
-from utils.registry import UserError
 from utils.seed import set_seed
-from utils.train_loop import Engine, NonFiniteLoss
+from utils.train_loop import Engine
 
 log = logging.getLogger("cl")
 
@@ -35,57 +34,6 @@ def build(cfg, seed: int, device: torch.device):
     method = build_method(cfg, data)
     check_memory(cfg, data, method)
     return data, method, Engine(device, cfg.num_workers, cfg.amp)
-
-
-def check_memory(cfg, data, method) -> str | None:
-    """A fixed per-class memory must keep at least one exemplar per class; a fixed total smaller than the number
-    of classes is allowed (as in the original) but empties classes in the last tasks: the warning to log."""
-    if not isinstance(method.memory, ExemplarMemory):
-        return None
-    if cfg.fixed_memory and method.memory.quota(data.n_classes) < 1:
-        raise UserError(f"fixed_memory: true with memory_size {cfg.memory_size} keeps memory_size // classes = 0 "
-                        f"exemplars of each of the {data.n_classes} classes; set memory_per_class or a larger "
-                        "memory_size")
-    empty = next((t.index for t in data.tasks if cfg.memory_size // t.total == 0), None) \
-        if not cfg.fixed_memory else None
-    if empty is not None:
-        return (f"memory_size {cfg.memory_size} is smaller than the {data.tasks[empty].total} classes seen by task "
-                f"{empty}: from then on the memory keeps no exemplar of a class")
-    return None
-
-
-def check_finite(method, engine, data, position: dict) -> None:
-    """Refuse to save or record a model whose parameters or buffers are not finite, or whose predictions on a few
-    test images are NaN or +inf (weights blown up to 1e29 are finite but no longer a model): a diverged model
-    never replaces the last good checkpoint. Cheap: once per save, on at most 8 images."""
-    where = _where(position)
-    for name, tensor in [*method.named_parameters(), *method.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteLoss(f"the model became non-finite ('{name}') {where}; nothing of it was saved or "
-                                "recorded (the last good checkpoint is kept); lower the learning rate (lrate) and "
-                                "rerun or resume")
-    probe = data.dataset("test", data.indices("test", range(data.tasks[position["task"]].total))[:8])
-    if len(probe):
-        refuse_non_finite(_predict(method, engine, torch.stack([probe[i][0] for i in range(len(probe))])), where)
-
-
-@torch.no_grad()
-def _predict(method, engine, x: torch.Tensor) -> dict:
-    """`method.predict` on one batch in eval mode (modes restored; no worker processes, no RNG drawn)."""
-    modes = [(m, m.training) for m in method.modules()]
-    method.eval()
-    try:
-        with engine.autocast():
-            return {k: v.float() for k, v in method.predict(engine.to_device(x)).items()}
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _where(position: dict) -> str:
-    if position.get("done"):
-        return f"after task {position['task']}"
-    return f"in task {position['task']}, stage '{position['stage']}', epoch {position['epoch']}"
 
 
 def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None,
@@ -152,11 +100,11 @@ def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None =
     validated (and, when resuming, the checkpoint it continues from); a resume never rewrites config.yaml.
     Only one process at a time works in a run folder (a lock the OS releases when the process ends)."""
     resuming = run_dir is not None
-    results_seen = read_results(run_dir) if resuming else None
-    done = {r["seed"] for r in results_seen["runs"] if r.get("complete")} if results_seen else set()
-    todo = [s for s in cfg.seed if s not in done]
-    lock = RunLock(run_dir) if resuming else None  # before reading checkpoints a running process may rewrite
+    lock = RunLock(run_dir) if resuming else None  # before reading what a running process may rewrite
     try:
+        results_seen = read_results(run_dir) if resuming else None
+        done = {r["seed"] for r in results_seen["runs"] if r.get("complete")} if results_seen else set()
+        todo = [s for s in cfg.seed if s not in done]
         built = build(cfg, todo[0], device) if todo else None
         first_state, note, restored = None, None, None
         if resuming and todo:

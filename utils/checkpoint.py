@@ -12,7 +12,6 @@ Files, in `<run folder>/checkpoints/`: `seed<S>_latest.pt` (rewritten after ever
 """
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
@@ -65,8 +64,9 @@ def atomic_write(path: str, write: Callable, what: str = "file", binary: bool = 
         _fsync_folder(folder)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         reason = _reason(err)
-        raise UserError(f"cannot write {what} '{path}': {reason}; the previous version of the file is kept"
-                        + ("; free some disk space and resume the run" if "space" in reason else "")) from None
+        raise UserError(f"cannot write {what} '{path}': {reason}; its previous version (if any) is kept"
+                        + ("; free some disk space and resume the run" if "space" in reason or "full" in reason
+                           else "")) from None
     finally:
         if tmp is not None:
             try:
@@ -97,7 +97,7 @@ def _reason(err: BaseException) -> str:
         return cause.strerror or os.strerror(cause.errno)
     text = str(err).strip().splitlines()
     if text and "write" in text[-1].lower():
-        return f"the write failed ({text[-1][:200]}); is the disk full? ({os.strerror(errno.ENOSPC)}?)"
+        return f"the write failed ({text[-1][:160]}); is the disk full?"
     return text[-1][:200] if text else type(err).__name__
 
 
