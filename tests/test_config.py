@@ -110,14 +110,14 @@ def test_config_is_read_only(tmp_path):
 
 
 def test_declared_ranges_are_checked_where_the_value_comes_from(tmp_path):
-    with pytest.raises(UserError, match=r"command line: key 'increment' must lie in \[1, inf\), got 0"):
+    with pytest.raises(UserError, match=r"command line: key 'increment' must be at least 1 \(range \[1, inf\)\), got 0"):
         load(tmp_path, BASE, increment=0)
-    with pytest.raises(UserError, match=r"command line: key 'memory_size' must lie in \[0, inf\), got -1"):
+    with pytest.raises(UserError, match=r"command line: key 'memory_size' must not be negative \(range \[0, inf\)\), got -1"):
         load(tmp_path, BASE, memory_size=-1)
     data = {**BASE, "options": {"digits": {"resnet32": {"lrate": -0.2}}}}
-    with pytest.raises(UserError, match=r"c.yaml \(options.digits.resnet32\): key 'lrate' must lie in \(0, inf\)"):
+    with pytest.raises(UserError, match=r"c.yaml \(options.digits.resnet32\): key 'lrate' must be positive \(range \(0, inf\)\)"):
         load(tmp_path, data)
-    with pytest.raises(UserError, match="'milestones' must lie in"):
+    with pytest.raises(UserError, match="'milestones' must be at least 1"):
         load(tmp_path, BASE, milestones=[30, 0])
     assert load(tmp_path, BASE, opt_mom=0.0, seed=[0, 4294967295]).seed == [0, 4294967295]  # both ends are valid
 
@@ -125,7 +125,7 @@ def test_declared_ranges_are_checked_where_the_value_comes_from(tmp_path):
 def test_range_notation():
     r = Range.parse("[0, 1)")
     assert 0 in r and 0.5 in r and 1 not in r and -1e-9 not in r and float("nan") not in r
-    assert str(r) == "[0, 1)" and str(Range.parse("(0, inf)")) == "(0, inf)"
+    assert str(r) == "[0, 1)" and str(Range.parse("(0, inf)")) == "(0, inf)" and r.describe() == "must lie in [0, 1)"
     assert float("inf") not in Range.parse("(0, inf)") and 10 ** 12 in Range.parse("[1, inf)")
     with pytest.raises(ValueError):
         Range.parse("0..1")

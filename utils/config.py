@@ -62,6 +62,14 @@ class Range:
         below = value < self.high if self.high_open else value <= self.high
         return above and below
 
+    def describe(self) -> str:
+        """The rule in words, with the interval: 'must not be negative (range [0, inf))'."""
+        if math.isinf(self.high) and self.low == 0:
+            return f"must be positive (range {self})" if self.low_open else f"must not be negative (range {self})"
+        if math.isinf(self.high) and not self.low_open:
+            return f"must be at least {self.low:g} (range {self})"
+        return f"must lie in {self}"
+
     def __str__(self) -> str:
         def num(v):
             return ("-inf" if v < 0 else "inf") if math.isinf(v) else (str(int(v)) if float(v).is_integer() else str(v))
@@ -417,7 +425,7 @@ def load_config(path: str | None, cli: dict[str, Any], method_keys=None) -> Conf
         if valid is not None and value is not None:
             for item in value if isinstance(value, list) else [value]:
                 if item not in valid:
-                    raise UserError(f"{origin}: key '{name}' must lie in {valid}, got {item!r}")
+                    raise UserError(f"{origin}: key '{name}' {valid.describe()}, got {item!r}")
         resolved[name] = value
     _check(resolved, where)
     return Config(**resolved)
