@@ -17,18 +17,26 @@ _PREFIXES = ("module.", "backbone.", "feature_extractor.", "encoder.", "model.")
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.pt`/`.safetensors` file holding a state_dict (possibly under 'state_dict' or 'model')."""
+    if os.path.isdir(path):
+        raise UserError(f"pretrain_path '{path}' is a folder; give the path of a local .pth or .safetensors file")
     if not os.path.isfile(path):
         raise UserError(f"pretrain_path '{path}' does not exist; give the path of a local .pth or .safetensors file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt, refused by weights_only, or not weights at all
+        raise UserError(f"pretrain_path '{path}' cannot be read as .pth/.safetensors weights "
+                        f"({type(err).__name__})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
+    if isinstance(state, dict):  # entries that are not tensors (an epoch counter, say) are no weights
+        state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not isinstance(state, dict) or not state:
         raise UserError(f"'{path}' holds no state_dict of tensors")
     cleaned = {}
     for key, value in state.items():

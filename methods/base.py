@@ -43,10 +43,11 @@ class BalancedStageConfig:
     """Keys of the second, class-balanced stage after each later task (DER, ACL, DynaMMo, UCIR, PODNet). A method
     changes a default by redeclaring the key with a plain value (its help is kept)."""
 
-    epochs_finetune: int = key(0, "epochs of the class-balanced stage after each later task (0: off)")
-    lrate_finetune: float = key(0.01, "learning rate of the class-balanced stage")
+    epochs_finetune: int = key(0, "epochs of the class-balanced stage after each later task (0: off)",
+                               range="[0, inf)")
+    lrate_finetune: float = key(0.01, "learning rate of the class-balanced stage", range="(0, inf)")
     milestones_finetune: list[int] = key([], "multi_step milestones of the class-balanced stage (UCIR, PODNet: "
-                                             "none means a cosine schedule)")
+                                             "none means a cosine schedule)", range="[1, inf)")
 
 
 class Method(nn.Module):

@@ -77,8 +77,9 @@ def test_bad_checkpoint_folders_fail_in_one_line(tmp_path, capsys):
     truncated = tmp_path / "truncated"
     subprocess.run(["cp", "-r", run_dir, str(truncated)], check=True)
     os.remove(truncated / "results.json")
-    with open(truncated / "checkpoints" / "seed1_latest.pt", "r+b") as f:
-        f.truncate(100)
+    for name in ("seed1_latest.pt", "seed1_task1.pt", "seed1_task0.pt"):  # nothing intact to fall back to
+        with open(truncated / "checkpoints" / name, "r+b") as f:
+            f.truncate(100)
     other = os.path.join(ROOT, "options", "finetune_normal", "digits.yaml")
     cases = [["--checkpoint_dir", str(tmp_path / "missing")],
              ["--checkpoint_dir", str(tmp_path / "empty")],

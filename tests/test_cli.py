@@ -27,6 +27,8 @@ def test_help_lists_global_and_method_keys(capsys):
     assert main.cli(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--init_epochs" in out and "--memory_size" in out
+    lrate = next(line for line in out.splitlines() if line.strip().startswith("--lrate "))
+    assert "(range (0, inf))" in lrate
 
 
 @pytest.mark.parametrize("argv", [
@@ -43,11 +45,31 @@ def test_help_lists_global_and_method_keys(capsys):
     ["--config", DIGITS, "--device", "gpu7"],
     ["--config", DIGITS, "--checkpoint_dir", "nowhere"],
     ["--config", DIGITS, "--dataset", "cifar100", "--data_root", "/nonexistent", "--backbone", "resnet32"],
+    ["--config", DIGITS, "--config", DIGITS],
+    ["--config", DIGITS, "extra.yaml"],
+    ["stray", "--config", DIGITS],
+    ["--config", DIGITS, "--debug=1"],
+    ["--list", "bogus"],
+    ["--config"],
+    ["--config", DIGITS, "--lrate", "-1"],
+    ["--config", DIGITS, "--note", "../x"],
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
-    code = main.cli([*argv, "--log_root", str(tmp_path)])
+    code = main.cli([*argv, "--log_root", str(tmp_path / "logs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert not os.path.exists(tmp_path / "logs"), "nothing is written for bad input"
+
+
+def test_own_options_and_config_keys_are_split():
+    args, rest = main.parse(["--config", "a.yaml", "--lrate", "-1", "--milestones", "3", "6", "--log_root=x",
+                             "--debug", "--seed", "1"])
+    assert (args.config, args.log_root, args.debug) == ("a.yaml", "x", True)
+    assert rest == ["--lrate", "-1", "--milestones", "3", "6", "--seed", "1"]
+    with pytest.raises(UserError, match="given twice"):
+        main.parse(["--log_root", "a", "--log_root", "b"])
+    with pytest.raises(UserError, match="unexpected argument 'x'"):
+        main.parse(["--debug", "x"])
 
 
 def test_unknown_names_suggest_the_closest():

@@ -7,7 +7,7 @@ import yaml
 
 from conftest import ROOT
 from methods import method_config
-from utils.config import load_config, parse_cli_overrides
+from utils.config import Range, load_config, parse_cli_overrides
 from utils.registry import UserError
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "options", "*", "*.yaml")))
@@ -109,8 +109,50 @@ def test_config_is_read_only(tmp_path):
         cfg.lrate = 1.0
 
 
-def test_cross_field_checks(tmp_path):
-    with pytest.raises(UserError, match="increment must be positive"):
+def test_declared_ranges_are_checked_where_the_value_comes_from(tmp_path):
+    with pytest.raises(UserError, match=r"command line: key 'increment' must be at least 1 \(range \[1, inf\)\), got 0"):
         load(tmp_path, BASE, increment=0)
-    with pytest.raises(UserError, match="memory_size must not be negative"):
+    with pytest.raises(UserError, match=r"command line: key 'memory_size' must not be negative \(range \[0, inf\)\), got -1"):
         load(tmp_path, BASE, memory_size=-1)
+    data = {**BASE, "options": {"digits": {"resnet32": {"lrate": -0.2}}}}
+    with pytest.raises(UserError, match=r"c.yaml \(options.digits.resnet32\): key 'lrate' must be positive \(range \(0, inf\)\)"):
+        load(tmp_path, data)
+    with pytest.raises(UserError, match="'milestones' must be at least 1"):
+        load(tmp_path, BASE, milestones=[30, 0])
+    assert load(tmp_path, BASE, opt_mom=0.0, seed=[0, 4294967295]).seed == [0, 4294967295]  # both ends are valid
+
+
+def test_range_notation():
+    r = Range.parse("[0, 1)")
+    assert 0 in r and 0.5 in r and 1 not in r and -1e-9 not in r and float("nan") not in r
+    assert str(r) == "[0, 1)" and str(Range.parse("(0, inf)")) == "(0, inf)" and r.describe() == "must lie in [0, 1)"
+    assert float("inf") not in Range.parse("(0, inf)") and 10 ** 12 in Range.parse("[1, inf)")
+    with pytest.raises(ValueError):
+        Range.parse("0..1")
+
+
+def test_duplicate_keys_merge_keys_and_encodings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("basic:\n  method: finetune_il\n  method: icarl\n")
+    with pytest.raises(UserError, match="duplicate key 'method' at line 3"):
+        load_config(str(path), {}, method_config)
+    path.write_text("basic: {method: finetune_il, dataset: digits, backbone: resnet32}\n"
+                    "options:\n  digits:\n    resnet32: &a {lrate: 0.3, epochs: 2}\n"
+                    "    resnet18:\n      <<: *a\n      lrate: 0.4\n")
+    assert load_config(str(path), {"backbone": "resnet18"}, method_config).lrate == 0.4  # a merge key may be overridden
+    path.write_bytes(b"basic:\n  method: finetune_il  # \xff\n")
+    with pytest.raises(UserError, match="not a UTF-8 text file"):
+        load_config(str(path), {}, method_config)
+    with pytest.raises(UserError, match="is a folder"):
+        load_config(str(tmp_path), {}, method_config)
+
+
+def test_cli_values_that_yaml_would_change_are_kept(tmp_path):
+    assert parse_cli_overrides(["--note", ""]) == {"note": ""}
+    assert parse_cli_overrides(["--note", "a\nb"]) == {"note": "a\nb"}
+    for note in ("", "a\nb", "../x", "/abs", ".."):
+        with pytest.raises(UserError, match="note"):
+            load(tmp_path, BASE, note=note)
+    assert load(tmp_path, BASE, note="lr0.1_run-2").note == "lr0.1_run-2"
+    with pytest.raises(UserError, match="takes one value, got 2: 3 stray"):
+        load(tmp_path, BASE, **parse_cli_overrides(["--epochs", "3", "stray"]))

@@ -5,7 +5,8 @@
 - `results`: the run folder, results.json (its only writer), results.csv and plots;
 - `resume`: continuing an interrupted run from its checkpoints, and the checks a resume makes;
 - `retest`: evaluating the saved models of a finished run again;
-- `hooks`: what the engine calls after every epoch (checkpoints, per-epoch evaluation, TensorBoard).
+- `hooks`: what the engine calls after every epoch (checkpoints, per-epoch evaluation, TensorBoard);
+- `guards`: the checks that keep a run from starting on a useless memory or saving a diverged model.
 
 It may import every other package; nothing imports it but main.py (docs/architecture.md).
 """

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+from trainer.guards import refuse_non_finite
 from utils.metrics import score, task_scores
 
 log = logging.getLogger("cl")
@@ -18,6 +19,7 @@ def evaluate(method, engine, data, task, cfg) -> dict:
     """Accuracy (or mcr) of every classifier `method.predict` returns, on the test data of the seen classes."""
     test = data.dataset("test", data.indices("test", range(task.total)))
     scores, y = engine.infer(method.predict, test, method)
+    refuse_non_finite(scores, f"when evaluated in task {task.index}")
     y = y.numpy()
     result = {}
     if "task_id" in scores:  # a routing method also returns the task it picked for each sample

@@ -1,6 +1,7 @@
 """What a run writes: its folder, config.yaml, results.json (written only by `ResultsFile`), results.csv and
-plots. results.json is rewritten atomically after every task, so an interrupted run keeps what it measured; its
-`summary` (mean and std over the finished seeds) is written when the run ends."""
+plots, and the lock that keeps a second process out of a run folder. results.json is rewritten atomically (a
+temporary file of a unique name, fsynced, renamed) after every task, so an interrupted run keeps what it
+measured; its `summary` (mean and std over the finished seeds) is written when the run ends."""
 from __future__ import annotations
 
 import datetime
@@ -8,13 +9,21 @@ import json
 import logging
 import os
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock
+    fcntl = None
+
 import numpy as np
 import yaml
 
 from datasets import DATASETS
 from datasets.scenario import task_sizes
 from utils import report
+from utils.checkpoint import atomic_write
+from utils.config import check_folder_name
 from utils.metrics import mean_std, summarize
+from utils.registry import UserError
 
 log = logging.getLogger("cl")
 RUN_KEYS = ("last_acc", "avg_incremental_acc", "forgetting", "bwt", "last_cnn_acc", "last_nme_acc",
@@ -22,36 +31,74 @@ RUN_KEYS = ("last_acc", "avg_incremental_acc", "forgetting", "bwt", "last_cnn_ac
 
 
 def run_folder(cfg, root: str = "logs") -> str:
-    """logs/<method>/<dataset>/<backbone>_b<init>i<inc>/<note or timestamp>/, never an existing folder."""
+    """logs/<method>/<dataset>/<backbone>_b<init>i<inc>/<note or timestamp>/, never an existing folder (claimed
+    with mkdir, so two processes starting at once get two folders)."""
     spec = DATASETS.get(cfg.dataset)
     if spec.task_groups:
         split = f"tasks{len(spec.task_groups)}"
     else:
         split = "b{}i{}".format(*task_sizes(cfg, spec))
+    for what, name in (("method", cfg.method), ("dataset", cfg.dataset), ("backbone", cfg.backbone)):
+        check_folder_name(str(name), what)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"--log_root '{root}' is a file, not a folder; give the folder run folders are created in")
     parent = os.path.join(root, cfg.method, cfg.dataset, f"{cfg.backbone}_{split}")
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    folder = os.path.join(parent, cfg.note or stamp)
-    if os.path.exists(folder):
-        folder = f"{folder}_{stamp}"
-    suffix = 1
-    while os.path.exists(folder):
-        folder, suffix = f"{folder.rsplit('~', 1)[0]}~{suffix}", suffix + 1
-    os.makedirs(folder)
-    return folder
+    base = os.path.join(parent, cfg.note or stamp)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for folder in [base, f"{base}_{stamp}", *(f"{base}_{stamp}~{i}" for i in range(1, 10000))]:
+            try:
+                os.mkdir(folder)
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UserError(f"cannot create a run folder under '{root}': {err.strerror or err}"
+                        + (f" ('{err.filename}')" if err.filename else "")) from None
+    raise UserError(f"cannot create a run folder under '{parent}': every name is taken")
+
+
+class RunLock:
+    """An exclusive lock on a run folder (`<run folder>/.lock`, fcntl.flock): a second process on the same folder
+    gets a one-line error. The OS drops the lock when the process ends, however it ends, so a stale lock file of
+    a killed run never blocks a resume."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.fd = None
+        if fcntl is None:
+            return
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write in the run folder '{run_dir}': {err.strerror or err}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"run folder '{run_dir}' is in use by another process"
+                            + (f" (pid {holder})" if holder.isdigit() else "") + "; wait until it ends") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 def write_json(path: str, data) -> None:
-    """Write JSON atomically: a temporary file, then a rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    """Write JSON atomically: a temporary file of a unique name, fsynced, then a rename."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=1), "results file", binary=False)
 
 
 def write_config(cfg, path: str) -> None:
     """The resolved config as a config file of our own schema (every key under basic:)."""
-    with open(path, "w") as f:
-        yaml.safe_dump({"basic": cfg.to_dict()}, f, sort_keys=False)
+    atomic_write(path, lambda f: yaml.safe_dump({"basic": cfg.to_dict()}, f, sort_keys=False), "config file",
+                 binary=False)
 
 
 def add_task(record: dict, entry: dict) -> None:
@@ -93,8 +140,12 @@ class ResultsFile:
     def finish(self) -> dict:
         results = self._content(self.runs, summary([r for r in self.runs if r.get("complete")]))
         write_json(self.path, results)
-        report.write_csv(results, os.path.join(self.run_dir, f"{self.name}.csv"))
-        report.plot(results, self.run_dir, prefix="" if self.name == "results" else f"{self.name}_")
+        try:
+            report.write_csv(results, os.path.join(self.run_dir, f"{self.name}.csv"))
+            report.plot(results, self.run_dir, prefix="" if self.name == "results" else f"{self.name}_")
+        except OSError as err:
+            raise UserError(f"the results are in {self.path}, but the table and plots cannot be written: "
+                            f"{err.strerror or err}" + (f" ('{err.filename}')" if err.filename else "")) from None
         s = results["summary"]
         log.info(f"done: last {self.cfg.eval_metric} {s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f}, "
                  f"average incremental {s['avg_incremental_acc']['mean']:.2f} ± "

@@ -4,7 +4,6 @@ One `run_seed` per seed, with nothing shared between seeds (fresh data manager, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,9 +13,10 @@ import torch
 from datasets.scenario import DataManager
 from methods import METHODS, build_method
 from trainer.evaluation import evaluate, task_entry
+from trainer.guards import check_finite, check_memory
 from trainer.hooks import CheckpointHook, EvalHook, TensorBoardHook
-from trainer.resume import read_checkpoint, restore
-from trainer.results import ResultsFile, add_task, run_folder, write_config
+from trainer.resume import read_results, restore, resume_point
+from trainer.results import ResultsFile, RunLock, add_task, run_folder, write_config
 from utils import checkpoint
 from utils.checkpoint import rng_state
 from utils.flops import InferenceCost
@@ -32,21 +32,27 @@ def build(cfg, seed: int, device: torch.device):
     set_seed(seed)
     single = METHODS.meta(cfg.method)["method_type"] in ("single_step", "pretrain")
     data = DataManager(cfg, seed, single_task=single)
-    return data, build_method(cfg, data), Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed)
+    method = build_method(cfg, data)
+    check_memory(cfg, data, method)
+    return data, method, Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed)
 
 
-def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None) -> dict:
-    """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record."""
-    data, method, engine = build(cfg, seed, device)
+def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None,
+             built=None, restored: tuple | None = None) -> dict:
+    """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record.
+    `built`: the seed's (data, method, engine) when `build` already made them; `restored`: what `restore` returned
+    when the method was already restored from `resume`."""
+    data, method, engine = built or build(cfg, seed, device)
     cost = InferenceCost()
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     first, position = 0, None
     if resume is not None:
         record = resume["record"]
-        first, position = restore(method, data, resume, device)
+        first, position = restored or restore(method, data, resume, device, resume["path"])
     os.makedirs(checkpoint.folder(run_dir), exist_ok=True)
 
     def save(where: dict, **extra) -> None:
+        check_finite(method, engine, data, where)
         state = {"config": cfg.to_dict(), "seed": seed, "position": where, "method": method.state_dict(),
                  "extra": method.extra_state(), "rng": rng_state(), "record": record, **extra}
         checkpoint.save(checkpoint.latest_path(run_dir, seed), state)
@@ -77,6 +83,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
         position = None
         method.after_task(task, engine)
         train_time = time.perf_counter() - start
+        check_finite(method, engine, data, {"task": task.index, "done": True})
         entry = task_entry(method, engine, data, task, cfg, run_dir, seed, cost)
         entry["train_time_s"] = train_time
         add_task(record, entry)
@@ -94,27 +101,54 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
 
 def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None = None) -> tuple[dict, str]:
     """Train every seed in turn, or, given the folder of an unfinished run, continue it from its checkpoints.
-    Returns the results and the run folder (which holds results.json)."""
+    Returns the results and the run folder (which holds results.json).
+
+    Nothing is written before the config, the dataset, the backbone and the method of the first seed to run are
+    validated (and, when resuming, the checkpoint it continues from); a resume never rewrites config.yaml.
+    Only one process at a time works in a run folder (a lock the OS releases when the process ends)."""
     resuming = run_dir is not None
-    run_dir = run_dir or run_folder(cfg, log_root)
-    setup_logging(os.path.join(run_dir, "run.log"))
+    lock = RunLock(run_dir) if resuming else None  # before reading what a running process may rewrite
     try:
-        results = ResultsFile(run_dir, cfg)
-        if resuming and os.path.isfile(results.path):
-            with open(results.path) as f:
-                results.runs = [r for r in json.load(f)["runs"] if r.get("complete")]
-        else:
-            write_config(cfg, os.path.join(run_dir, "config.yaml"))
-        log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
-                 f"device {device}" + (" | resuming" if resuming else ""))
-        done = {r["seed"] for r in results.runs}
-        for seed in cfg.seed:
-            if seed in done:
-                continue
-            latest = checkpoint.latest_path(run_dir, seed)
-            state = read_checkpoint(latest, cfg, run_dir) if resuming and os.path.isfile(latest) else None
-            results.runs.append(run_seed(cfg, seed, device, run_dir, on_task=results.write, resume=state))
-            results.write()
-        return results.finish(), run_dir
+        results_seen = read_results(run_dir) if resuming else None
+        done = {r["seed"] for r in results_seen["runs"] if r.get("complete")} if results_seen else set()
+        todo = [s for s in cfg.seed if s not in done]
+        built = build(cfg, todo[0], device) if todo else None
+        first_state, note, restored = None, None, None
+        if resuming and todo:
+            first_state, note = resume_point(run_dir, cfg, todo[0], len(built[0].tasks), results_seen)
+            if first_state is not None:  # the checkpoint must fit the method before anything is written
+                restored = restore(built[1], built[0], first_state, device, first_state["path"])
+        if not resuming:
+            run_dir = run_folder(cfg, log_root)
+            lock = RunLock(run_dir)
+        setup_logging(os.path.join(run_dir, "run.log"))
+        try:
+            results = ResultsFile(run_dir, cfg)
+            if results_seen is not None:
+                results.runs = [r for r in results_seen["runs"] if r.get("complete")]
+            if not resuming:
+                write_config(cfg, os.path.join(run_dir, "config.yaml"))
+            log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
+                     f"device {device}" + (" | resuming" if resuming else ""))
+            warning = check_memory(cfg, built[0], built[1]) if built else None
+            if warning:
+                log.warning(warning)
+            for seed in todo:
+                if seed == todo[0]:
+                    state = first_state
+                else:
+                    built, restored = build(cfg, seed, device), None
+                    state, note = resume_point(run_dir, cfg, seed, len(built[0].tasks), results_seen) \
+                        if resuming else (None, None)
+                if note:
+                    log.warning(note)
+                results.runs.append(run_seed(cfg, seed, device, run_dir, on_task=results.write, resume=state,
+                                             built=built, restored=restored))
+                built = None
+                results.write()
+            return results.finish(), run_dir
+        finally:
+            close_logging()
     finally:
-        close_logging()
+        if lock is not None:
+            lock.release()

@@ -3,8 +3,9 @@
 A checkpoint holds the method's state_dict and extra state (memory bank, old/frozen networks are submodules),
 the position (task; and inside a task the training stage and epoch, with the optimiser and scheduler state),
 the RNG states (python, numpy, torch, CUDA), the resolved config and the metrics so far. Files are written to a
-temporary name and renamed, so a killed run never leaves a half-written checkpoint; they are read with
-`map_location` and `weights_only=True`, so loading one cannot run code.
+temporary file of a unique name beside them, flushed to disk (fsync) and renamed, so a killed run, a full disk
+or a second process never leaves a half-written or mixed checkpoint, and the previous file stays until the new
+one is complete; they are read with `map_location` and `weights_only=True`, so loading one cannot run code.
 
 Files, in `<run folder>/checkpoints/`: `seed<S>_latest.pt` (rewritten after every task and every
 `checkpoint_every` epochs) and, with `save_models: true`, `seed<S>_task<T>.pt` after each task.
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import tempfile
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +24,8 @@ import torch
 from utils.registry import UserError
 
 VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def rng_state() -> dict:
@@ -40,22 +46,88 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def atomic_write(path: str, write: Callable, what: str = "file", binary: bool = True) -> None:
+    """Write `path` all or nothing: `write(f)` fills a temporary file of a unique name in the same folder, which
+    is fsynced and renamed over `path`. On any failure (a full disk, a read-only folder) the temporary file is
+    removed, `path` keeps its previous content, and the error is a one-line `UserError` naming the file."""
+    folder = os.path.dirname(path) or "."
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions open() would give, not mkstemp's private 0600
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_folder(folder)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        reason = _reason(err)
+        raise UserError(f"cannot write {what} '{path}': {reason}; its previous version (if any) is kept"
+                        + ("; free some disk space and resume the run" if "space" in reason or "full" in reason
+                           else "")) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reason(err: BaseException) -> str:
+    cause = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return cause.strerror or os.strerror(cause.errno)
+    text = str(err).strip().splitlines()
+    if text and "write" in text[-1].lower():
+        return f"the write failed ({text[-1][:160]}); is the disk full?"
+    return text[-1][:200] if text else type(err).__name__
+
+
 def save(path: str, data: dict) -> None:
-    """Atomic write: a temporary file in the same folder, then a rename."""
-    tmp = f"{path}.tmp"
-    torch.save({"version": VERSION, **data}, tmp)
-    os.replace(tmp, path)
+    """Atomic, durable write (see `atomic_write`)."""
+    atomic_write(path, lambda f: torch.save({"version": VERSION, **data}, f), "checkpoint")
 
 
 def load(path: str) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint '{path}' is a folder, not a checkpoint file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt or not a checkpoint at all
-        raise UserError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); it is truncated or not a "
-                        "checkpoint of this framework") from None
+    except Exception as err:  # refused by weights_only, truncated, corrupt or not a checkpoint at all
+        refused = re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(err))
+        if refused:  # crafted, not damaged: never fall back past it silently
+            raise UserError(f"checkpoint '{path}' is refused: it asks to load {refused.group(1)}, which no checkpoint "
+                            "of this framework holds (it may be crafted to run code)") from None
+        raise UnreadableCheckpoint(f"checkpoint '{path}' cannot be read ({type(err).__name__}); it is truncated, "
+                                   "corrupt or not a checkpoint of this framework") from None
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise UserError(f"checkpoint '{path}' is not a version-{VERSION} checkpoint of this framework")
+    missing = [k for k in ("config", "seed", "position", "method", "extra", "rng", "record") if k not in data]
+    if missing:
+        raise UserError(f"checkpoint '{path}' lacks the key '{missing[0]}' every checkpoint of this framework holds")
     return data
+
+
+class UnreadableCheckpoint(UserError):
+    """A checkpoint file that cannot be read at all (truncated, corrupt): a resume may fall back to an older one."""
 
 
 def folder(run_dir: str) -> str:

@@ -48,8 +48,9 @@ def balanced_split(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np
 
 @dataclass
 class BiCConfig:
-    T: float = key(2.0, "distillation temperature")
-    split_ratio: float = key(0.1, "share of the per-class exemplar quota held out per class for bias correction")
+    T: float = key(2.0, "distillation temperature", range="(0, inf)")
+    split_ratio: float = key(0.1, "share of the per-class exemplar quota held out per class for bias correction",
+                              range="(0, 1)")
 
 
 @register_method("bic", config=BiCConfig)

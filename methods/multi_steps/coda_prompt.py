@@ -30,10 +30,12 @@ from utils.registry import UserError
 
 @dataclass
 class CodaPromptConfig:
-    prompt_pool: int = key(100, "prompt components in all, split evenly over the tasks")
-    prompt_length: int = key(4, "prefix tokens per component and block (the paper's length 8 counts key + value)")
-    prompt_layers: list[int] = key([0, 1, 2, 3, 4], "ViT blocks that receive the prompts")
-    ortho_weight: float = key(0.0, "weight of the orthogonality penalty on keys, attention vectors and prompts")
+    prompt_pool: int = key(100, "prompt components in all, split evenly over the tasks", range="[1, inf)")
+    prompt_length: int = key(4, "prefix tokens per component and block (the paper's length 8 counts key + value)",
+                             range="[0, inf)")
+    prompt_layers: list[int] = key([0, 1, 2, 3, 4], "ViT blocks that receive the prompts", range="[0, inf)")
+    ortho_weight: float = key(0.0, "weight of the orthogonality penalty on keys, attention vectors and prompts",
+                              range="[0, inf)")
 
 
 @register_method("coda_prompt", config=CodaPromptConfig)

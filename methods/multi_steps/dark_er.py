@@ -35,8 +35,10 @@ from utils.registry import UserError
 
 @dataclass
 class DarkERConfig:
-    alpha: float = key(0.3, "weight of the MSE between the logits on buffer samples and the stored logits")
-    beta: float = key(0.5, "weight of the CE on a second buffer batch (DER++); 0 gives plain DER")
+    alpha: float = key(0.3, "weight of the MSE between the logits on buffer samples and the stored logits",
+                        range="[0, inf)")
+    beta: float = key(0.5, "weight of the CE on a second buffer batch (DER++); 0 gives plain DER",
+                       range="[0, inf)")
 
 
 @register_method("dark_er", config=DarkERConfig)

@@ -29,12 +29,14 @@ from utils.registry import UserError
 
 @dataclass
 class DualPromptConfig:
-    g_prompt_length: int = key(5, "prefix tokens of the shared G-prompt per block")
-    g_layers: list[int] = key([0, 1], "ViT blocks that receive the G-prompt")
-    e_prompt_pool: int = key(10, "number of E-prompts (and keys); at least the number of tasks")
-    e_prompt_length: int = key(5, "prefix tokens of an E-prompt per block")
-    e_layers: list[int] = key([2, 3, 4], "ViT blocks that receive the E-prompt")
-    pull_weight: float = key(1.0, "weight of the key-matching loss 1 - cos(query, key of the task)")
+    g_prompt_length: int = key(5, "prefix tokens of the shared G-prompt per block", range="[0, inf)")
+    g_layers: list[int] = key([0, 1], "ViT blocks that receive the G-prompt", range="[0, inf)")
+    e_prompt_pool: int = key(10, "number of E-prompts (and keys); at least the number of tasks",
+                              range="[1, inf)")
+    e_prompt_length: int = key(5, "prefix tokens of an E-prompt per block", range="[0, inf)")
+    e_layers: list[int] = key([2, 3, 4], "ViT blocks that receive the E-prompt", range="[0, inf)")
+    pull_weight: float = key(1.0, "weight of the key-matching loss 1 - cos(query, key of the task)",
+                              range="[0, inf)")
 
 
 @register_method("dual_prompt", config=DualPromptConfig)

@@ -41,7 +41,7 @@ from utils.types import OptimConfig, Stage
 
 @dataclass
 class DERConfig(BalancedStageConfig):
-    T: float = key(5.0, "temperature of the balanced fine-tuning loss CE(logits / T)")
+    T: float = key(5.0, "temperature of the balanced fine-tuning loss CE(logits / T)", range="(0, inf)")
     epochs_finetune: int = 30
     lrate_finetune: float = 0.05
 

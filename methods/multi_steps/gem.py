@@ -48,7 +48,8 @@ def gem_project(g: torch.Tensor, memory_grads: torch.Tensor, memory_strength: fl
 
 @dataclass
 class GEMConfig:
-    memory_strength: float = key(0.5, "GEM memory strength: lower bound of the dual variables (0: plain projection)")
+    memory_strength: float = key(0.5, "GEM memory strength: lower bound of the dual variables (0: plain projection)",
+                                  range="[0, inf)")
 
 
 @register_method("gem", config=GEMConfig)

@@ -29,7 +29,7 @@ from utils.registry import UserError
 
 @dataclass
 class ICaRLConfig:
-    T: float = key(2.0, "distillation temperature")
+    T: float = key(2.0, "distillation temperature", range="(0, inf)")
 
 
 @register_method("icarl", config=ICaRLConfig)

@@ -29,11 +29,13 @@ from utils.registry import UserError
 
 @dataclass
 class L2PConfig:
-    prompt_pool: int = key(10, "number of prompts (and keys) in the pool")
-    prompt_length: int = key(5, "prefix tokens per prompt and block")
-    top_k: int = key(5, "prompts selected per image (top-N keys by cosine to the query)")
-    prompt_layers: list[int] = key([0], "ViT blocks that receive the prompts ([0]: shallow, [0..4]: deep)")
-    pull_weight: float = key(0.1, "weight of the key-matching loss sum_k (1 - cos(query, key_k))")
+    prompt_pool: int = key(10, "number of prompts (and keys) in the pool", range="[1, inf)")
+    prompt_length: int = key(5, "prefix tokens per prompt and block", range="[0, inf)")
+    top_k: int = key(5, "prompts selected per image (top-N keys by cosine to the query)", range="[1, inf)")
+    prompt_layers: list[int] = key([0], "ViT blocks that receive the prompts ([0]: shallow, [0..4]: deep)",
+                                   range="[0, inf)")
+    pull_weight: float = key(0.1, "weight of the key-matching loss sum_k (1 - cos(query, key_k))",
+                              range="[0, inf)")
 
 
 @register_method("l2p", config=L2PConfig)

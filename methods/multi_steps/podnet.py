@@ -45,10 +45,10 @@ from utils.registry import UserError
 class PODNetConfig(BalancedStageConfig):
     epochs_finetune: int = 20
     lrate_finetune: float = 0.05
-    lambda_c_base: float = key(5.0, "POD-spatial weight, times sqrt(seen / new classes)")
-    lambda_f_base: float = key(1.0, "POD-flat weight, times sqrt(seen / new classes)")
-    nb_proxy: int = key(10, "proxies per class of the local-similarity classifier")
-    nca_margin: float = key(0.6, "NCA margin δ subtracted from the true class's similarity")
+    lambda_c_base: float = key(5.0, "POD-spatial weight, times sqrt(seen / new classes)", range="[0, inf)")
+    lambda_f_base: float = key(1.0, "POD-flat weight, times sqrt(seen / new classes)", range="[0, inf)")
+    nb_proxy: int = key(10, "proxies per class of the local-similarity classifier", range="[1, inf)")
+    nca_margin: float = key(0.6, "NCA margin δ subtracted from the true class's similarity", range="[0, inf)")
     layer_names: list[str] = key(["stage_1", "stage_2", "stage_3"],
                                  "backbone modules whose outputs POD-spatial distils (resnet18: layer1 ...)")
 

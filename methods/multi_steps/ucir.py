@@ -35,10 +35,11 @@ from utils.types import OptimConfig, Stage
 
 @dataclass
 class UCIRConfig(BalancedStageConfig):
-    lambda_base: float = key(5.0, "less-forget weight: λ = lambda_base * sqrt(old classes / new classes)")
-    K: int = key(2, "hard negatives per old-class sample: its K highest new-class scores")
-    margin: float = key(0.5, "margin of the ranking loss, in cosine units")
-    nb_proxy: int = key(1, "proxies per class of the cosine classifier")
+    lambda_base: float = key(5.0, "less-forget weight: λ = lambda_base * sqrt(old classes / new classes)",
+                              range="[0, inf)")
+    K: int = key(2, "hard negatives per old-class sample: its K highest new-class scores", range="[1, inf)")
+    margin: float = key(0.5, "margin of the ranking loss, in cosine units", range="[0, inf)")
+    nb_proxy: int = key(1, "proxies per class of the cosine classifier", range="[1, inf)")
 
 
 @register_method("ucir", config=UCIRConfig)
