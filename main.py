@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
     from trainer.resume import is_finished, saved_config
     from trainer.retest import retest
     from trainer.task_loop import run
-    from utils.device import resolve_device
 
     if args.help:
         print(help_parser().format_help() + "\n" + help_text({m: method_config(m) for m in METHODS.keys()}))
@@ -98,16 +97,59 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"--checkpoint_dir '{args.checkpoint_dir}' is a file, not a run folder; give the folder "
                             "a run printed when it started")
         cfg = saved_config(args.checkpoint_dir, args.config, overrides, method_config)
-        device = resolve_device(cfg.device)
+        if several_gpus(cfg.device):
+            return launch(cfg.device, argv)
+        device = start(cfg.device)
         if is_finished(args.checkpoint_dir, cfg):
             return retest(cfg, device, args.checkpoint_dir)
         return run(cfg, device, run_dir=args.checkpoint_dir)[0]
     if not args.config and "method" not in overrides:
         raise UserError("give --config options/<method>/<dataset>.yaml (python main.py --help lists the keys)")
     cfg = load_config(args.config, overrides, method_config)
-    device = resolve_device(cfg.device)
+    if several_gpus(cfg.device):
+        return launch(cfg.device, argv)
+    device = start(cfg.device)
     results, _ = run(cfg, device, args.log_root)
     return results
+
+
+def several_gpus(spec: str) -> bool:
+    """`--device 0,1` given to this process (not to a process torchrun started): launch one process per GPU."""
+    from utils.distributed import launched
+
+    return "," in str(spec) and not launched()
+
+
+def start(spec: str):
+    """This process's device, joining the process group when torchrun started it."""
+    from utils import distributed
+    from utils.device import resolve_device
+
+    device = resolve_device(spec)
+    distributed.setup(device)
+    return device
+
+
+def launch(spec: str, argv: list[str]) -> dict:
+    """Run this command as one process per listed GPU on this machine, through torch.distributed.run (what
+    torchrun runs); each process trains on its GPU and rank 0 writes the results."""
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run as torchrun
+
+    from utils.device import device_ids
+
+    ids = device_ids(spec)
+    if not torch.cuda.is_available() or max(ids) >= torch.cuda.device_count():
+        raise UserError(f"device '{spec}' asks for CUDA devices {ids} but {torch.cuda.device_count()} are "
+                        "available; for several CPU processes use torchrun --nproc_per_node N main.py ... --device cpu")
+    launcher = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(len(ids)),
+                                             os.path.abspath(__file__), *argv])
+    try:
+        torchrun(launcher)
+    except ChildFailedError as err:
+        raise UserError(f"a process of the {len(ids)}-GPU run failed ({next(iter(err.failures.values())).message or 'see its output above'})") from None
+    return {}
 
 
 def _one_line(err: BaseException) -> str:

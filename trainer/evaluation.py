@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from trainer.guards import refuse_non_finite
+from utils import distributed
 from utils.metrics import score, task_scores
 
 log = logging.getLogger("cl")
@@ -74,7 +75,7 @@ def task_entry(method, engine, data, task, cfg, run_dir: str, seed: int, cost) -
         entry["task_id_acc"] = result["task_id_acc"]
     if cfg.openset_test:
         entry["openset"] = openset_scores(method, engine, data, task)
-    if cfg.save_pred_record:
+    if cfg.save_pred_record and distributed.is_main():
         np.savez(os.path.join(run_dir, f"pred_record_seed{seed}_task{task.index}.npz"), targets=result["targets"],
                  **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)})
     log.info(f"task {task.index}: {cfg.eval_metric} {main['acc']:.2f} (per task "

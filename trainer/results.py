@@ -19,7 +19,7 @@ import yaml
 
 from datasets import DATASETS
 from datasets.scenario import task_sizes
-from utils import report
+from utils import distributed, report
 from utils.checkpoint import atomic_write
 from utils.config import check_folder_name
 from utils.metrics import mean_std, summarize
@@ -133,12 +133,15 @@ class ResultsFile:
         self.runs = list(runs or [])
 
     def write(self, current: dict | None = None) -> None:
-        """The finished seeds' records, plus the record of the seed in progress."""
+        """The finished seeds' records, plus the record of the seed in progress (rank 0 writes)."""
         runs = self.runs + ([current] if current is not None else [])
-        write_json(self.path, self._content(runs, {}))
+        if distributed.is_main():
+            write_json(self.path, self._content(runs, {}))
 
     def finish(self) -> dict:
         results = self._content(self.runs, summary([r for r in self.runs if r.get("complete")]))
+        if not distributed.is_main():
+            return results
         write_json(self.path, results)
         try:
             report.write_csv(results, os.path.join(self.run_dir, f"{self.name}.csv"))

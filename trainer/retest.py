@@ -17,7 +17,7 @@ from trainer.evaluation import task_entry
 from trainer.resume import load_method, read_checkpoint, read_results
 from trainer.results import ResultsFile, RunLock, add_task
 from trainer.task_loop import build
-from utils import checkpoint
+from utils import checkpoint, distributed
 from utils.flops import InferenceCost
 from utils.logging import close_logging, setup_logging
 from utils.registry import UserError
@@ -26,7 +26,7 @@ log = logging.getLogger("cl")
 
 
 def retest(cfg, device: torch.device, run_dir: str) -> dict:
-    lock = RunLock(run_dir)
+    lock = RunLock(run_dir) if distributed.is_main() else None
     try:
         saved = read_results(run_dir)
         saved_runs = {r["seed"]: r for r in saved["runs"]}
@@ -34,7 +34,7 @@ def retest(cfg, device: torch.device, run_dir: str) -> dict:
         if not any(p for paths in found.values() for p in paths.values()):
             raise UserError(f"nothing to re-test in {run_dir}: no checkpoint of any task is left in "
                             f"{checkpoint.folder(run_dir)}")
-        setup_logging(os.path.join(run_dir, "run.log"))
+        setup_logging(os.path.join(run_dir, "run.log"), quiet=not distributed.is_main())
         try:
             log.info(f"re-testing the finished run in {run_dir} on {device}")
             results = ResultsFile(run_dir, cfg, name="results_retest")
@@ -44,7 +44,8 @@ def retest(cfg, device: torch.device, run_dir: str) -> dict:
         finally:
             close_logging()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _checkpoints(run_dir: str, seed: int, saved: dict) -> dict[int, str | None]:

@@ -17,7 +17,7 @@ from trainer.guards import check_finite, check_memory
 from trainer.hooks import CheckpointHook, EvalHook, TensorBoardHook
 from trainer.resume import read_results, restore, resume_point
 from trainer.results import ResultsFile, RunLock, add_task, run_folder, write_config
-from utils import checkpoint
+from utils import checkpoint, distributed
 from utils.checkpoint import rng_state
 from utils.flops import InferenceCost
 from utils.logging import close_logging, setup_logging
@@ -34,7 +34,7 @@ def build(cfg, seed: int, device: torch.device):
     data = DataManager(cfg, seed, single_task=single)
     method = build_method(cfg, data)
     check_memory(cfg, data, method)
-    return data, method, Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed)
+    return data, method, Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed, cfg.sync_bn)
 
 
 def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None,
@@ -49,10 +49,13 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
     if resume is not None:
         record = resume["record"]
         first, position = restored or restore(method, data, resume, device, resume["path"])
-    os.makedirs(checkpoint.folder(run_dir), exist_ok=True)
+    if distributed.is_main():
+        os.makedirs(checkpoint.folder(run_dir), exist_ok=True)
 
     def save(where: dict, **extra) -> None:
         check_finite(method, engine, data, where)
+        if not distributed.is_main():  # every rank holds the same state; rank 0 writes it
+            return
         state = {"config": cfg.to_dict(), "seed": seed, "position": where, "method": method.state_dict(),
                  "extra": method.extra_state(), "rng": rng_state(), "record": record, **extra}
         checkpoint.save(checkpoint.latest_path(run_dir, seed), state)
@@ -65,7 +68,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
 
     engine.register(EvalHook(cfg.test_epoch, accuracy))
     tensorboard = None
-    if cfg.logger_type == "tensorboard":
+    if cfg.logger_type == "tensorboard" and distributed.is_main():
         tensorboard = TensorBoardHook(os.path.join(run_dir, "tensorboard", f"seed{seed}"))
         engine.register(tensorboard)
     engine.register(CheckpointHook(cfg.checkpoint_every, save))
@@ -107,7 +110,8 @@ def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None =
     validated (and, when resuming, the checkpoint it continues from); a resume never rewrites config.yaml.
     Only one process at a time works in a run folder (a lock the OS releases when the process ends)."""
     resuming = run_dir is not None
-    lock = RunLock(run_dir) if resuming else None  # before reading what a running process may rewrite
+    main = distributed.is_main()  # of a distributed run, only rank 0 writes (every rank reads)
+    lock = RunLock(run_dir) if resuming and main else None  # before reading what a running process may rewrite
     try:
         results_seen = read_results(run_dir) if resuming else None
         done = {r["seed"] for r in results_seen["runs"] if r.get("complete")} if results_seen else set()
@@ -119,14 +123,14 @@ def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None =
             if first_state is not None:  # the checkpoint must fit the method before anything is written
                 restored = restore(built[1], built[0], first_state, device, first_state["path"])
         if not resuming:
-            run_dir = run_folder(cfg, log_root)
-            lock = RunLock(run_dir)
-        setup_logging(os.path.join(run_dir, "run.log"))
+            run_dir = distributed.broadcast(run_folder(cfg, log_root) if main else None)
+            lock = RunLock(run_dir) if main else None
+        setup_logging(os.path.join(run_dir, "run.log"), quiet=not main)
         try:
             results = ResultsFile(run_dir, cfg)
             if results_seen is not None:
                 results.runs = [r for r in results_seen["runs"] if r.get("complete")]
-            if not resuming:
+            if not resuming and main:
                 write_config(cfg, os.path.join(run_dir, "config.yaml"))
             log.info(f"run folder {run_dir} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
                      f"device {device}" + (" | resuming" if resuming else ""))

@@ -113,6 +113,8 @@ class GlobalConfig:
     amp: bool = key(True, "bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX); "
                           "ignored elsewhere")
     channels_last: bool = key(True, "channels-last memory format for images and convolution weights (CPU and CUDA)")
+    sync_bn: bool = key(False, "distributed runs: batch norm over the global batch (every rank's samples) instead "
+                               "of each process's share")
     batch_transforms: bool = key(True, "in-memory datasets: augment, resize and normalise whole batches on the "
                                        "training device (false: per-sample PIL transforms in DataLoader workers)")
     # data
