@@ -884,3 +884,29 @@ def test_class_order_follows_the_seed_when_shuffled_and_is_the_identity_otherwis
     pinned = load_config(None, {"method": "finetune_il", "dataset": "digits", "backbone": "resnet32",
                                 "shuffle": True, "class_order_seed": 7}, method_config)
     assert DataManager(pinned, seed=1).class_order == np.random.RandomState(7).permutation(10).tolist()
+
+
+# ============================================================ teachers ============================================
+@known_answer("icarl", "wa", "bic", "ucir", "podnet")
+@pytest.mark.parametrize("name", ["icarl", "wa", "bic", "ucir", "podnet"])
+def test_the_teacher_is_a_frozen_copy_that_training_does_not_change(name):
+    method = build(name)
+    start(method, 0)
+    perturb(method.network, seed=1)
+    before = {k: v.clone() for k, v in method.network.state_dict().items()}
+    task = start(method, 1)
+    teacher = method.old_network
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items() if k in before)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = []
+    teacher.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    subset = method.data.dataset("train", positions(method, range(4), 8))
+    stage = method.stages(task, subset, None)
+    train = next(s for s in stage if isinstance(s, Stage))
+    Engine(torch.device("cpu")).fit(method, task, Stage(train.name, lambda: subset, train.optim.replace(epochs=1),
+                                                        train.step))
+    assert modes and not any(modes)  # eval mode: its BN statistics do not move
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+    assert not all(torch.equal(v, before[k]) for k, v in method.network.state_dict().items() if k in before
+                   and v.shape == before[k].shape)  # while the student learns

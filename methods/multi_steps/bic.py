@@ -26,6 +26,7 @@ Deviations:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,8 @@ from utils.config import key
 from utils.losses import weighted_kd_losses
 from utils.registry import UserError
 from utils.types import OptimConfig, Stage
+
+log = logging.getLogger("cl")
 
 
 def balanced_split(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np.random.Generator):
@@ -54,7 +57,7 @@ def balanced_split(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np
 class BiCConfig:
     T: float = key(2.0, "distillation temperature")
     split_ratio: float = key(0.1, "share of the per-class exemplar quota held out per class for bias correction")
-    epochs_bias: int = key(200, "epochs of the bias-correction stage (stage 2), each one step with the default "
+    epochs_bias: int = key(100, "epochs of the bias-correction stage (stage 2), each one step with the default "
                                 "full batch")
     lrate_bias: float = key(0.05, "learning rate of the bias-correction stage (SGD, momentum 0.9, cosine schedule)")
     batch_size_bias: int = key(0, "batch size of the bias-correction stage; 0: the whole held-out set in one batch")
@@ -96,6 +99,13 @@ class BiC(Method):
         logits, old_logits = self.logits_and_old(x)
         logits = logits[:, : self.task.total]
         return weighted_kd_losses(self.ce(logits, y), logits, old_logits, self.cfg.T)
+
+    def after_task(self, task, engine):
+        if not task.is_first:
+            layer = self.network.bias_layers[-1]
+            log.info(f"task {task.index}: bias correction of the new classes' logits: alpha {float(layer.alpha):.4f}, "
+                     f"beta {float(layer.beta):.4f}")
+        super().after_task(task, engine)
 
     def bias_step(self, x, y):
         """Stage 2: fit the newest task's (alpha, beta) on the held-out set, the network frozen."""
