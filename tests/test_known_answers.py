@@ -910,3 +910,42 @@ def test_the_teacher_is_a_frozen_copy_that_training_does_not_change(name):
     assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
     assert not all(torch.equal(v, before[k]) for k, v in method.network.state_dict().items() if k in before
                    and v.shape == before[k].shape)  # while the student learns
+
+
+@known_answer("finetune_il")
+def test_tasks_split_the_classes_into_init_cls_then_increment_with_the_remainder_last():
+    from datasets.scenario import split_classes
+
+    assert split_classes(10, 2, 2) == [2, 2, 2, 2, 2]
+    assert split_classes(10, 4, 3) == [4, 3, 3]
+    assert split_classes(10, 3, 4) == [3, 4, 3]
+    assert split_classes(10, 5, 10) == [5, 5]
+    assert split_classes(10, 10, 2) == [10]
+    cfg = load_config(os.path.join(ROOT, "options", "finetune_il", "digits.yaml"),
+                      parse_cli_overrides(["--init_cls", "4", "--increment", "3"]), method_config)
+    data = DataManager(cfg, seed=1)
+    assert [(t.index, t.known, t.total, t.n_tasks) for t in data.tasks] == [(0, 0, 4, 3), (1, 4, 7, 3), (2, 7, 10, 3)]
+    test = data.indices("test", [0, 5])
+    assert set(data.test_y[test]) == {0, 5} and len(test) == int(np.isin(data.test_y, [0, 5]).sum())
+
+
+@known_answer("gem")
+@pytest.mark.parametrize("strength", [0.0, 0.5])
+def test_gem_projection_against_one_memory_has_the_closed_form_solution(strength):
+    """With one memory gradient G the dual QP min_v 1/2 (|G|^2 + eps) v^2 + (g.G) v, v >= h, gives
+    v = max(h, -(g.G) / (|G|^2 + eps)) and the update g~ = g + v G."""
+    method, _ = _gem_with_memories()
+    method.cfg = method.cfg.replace(memory_strength=strength)
+    params = [p for p in method.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    g = torch.Generator().manual_seed(9)
+    G = torch.randn(1, n, generator=g)
+    grad = -0.2 * G[0] + 0.3 * torch.randn(n, generator=g)  # conflicts, g.G < 0, with -(g.G)/|G|^2 ~ 0.2
+    for p, part in zip(params, grad.split([p.numel() for p in params])):
+        p.grad = part.view_as(p).clone()
+    method.memory_grads = G.clone()
+    method.before_optimizer_step()
+    applied = torch.cat([p.grad.flatten() for p in params])
+    free = float(-(grad @ G[0]) / (G[0] @ G[0] + 1e-3))
+    assert 0 < free < 0.5  # with memory strength 0.5 the bound is active, without it is not
+    torch.testing.assert_close(applied, grad + max(strength, free) * G[0], atol=1e-4, rtol=1e-4)

@@ -387,3 +387,17 @@ def test_a_method_loads_class_means_of_another_shape_and_its_memory():
     restored.load_extra_state(method.extra_state())
     assert torch.equal(restored.class_means, method.class_means)
     assert {c: v.tolist() for c, v in restored.memory.exemplars.items()} == {0: [0, 1, 2], 4: [7, 8]}
+
+
+def test_every_epoch_trains_in_train_mode_even_after_an_evaluation_left_the_method_in_eval_mode():
+    method = Toy()
+    method.norm = nn.BatchNorm1d(3)
+    modes = []
+
+    def step(x, y, i):
+        modes.append((method.training, method.norm.training))
+        return {"a": method.norm(x).sum() * 0 + method.w.sum()}
+
+    method.eval()
+    fit(method, step, n=8, epochs=2, batch_size=4)
+    assert modes == [(True, True)] * 4
