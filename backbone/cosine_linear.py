@@ -2,9 +2,12 @@
 
 - `CosineClassifier`: scores σ·ŷ_c with ŷ_c the cosine between the feature and class c's weight (Hou et al.,
   CVPR 2019). With `nb_proxy` K > 1 it is PODNet's local-similarity classifier (Douillard et al., ECCV 2020):
-  ŷ_c = Σ_k softmax_k(s_{c,k}) · s_{c,k} over the cosines s_{c,k} to the K proxies of class c. σ is learned,
-  through its logarithm so that it stays positive: a negative σ flips every score (with PODNet's hinged NCA
-  loss a raw σ crossed zero on a 2-class digits task and reached zero loss with wrong predictions).
+  ŷ_c = Σ_k softmax_k(s_{c,k}) · s_{c,k} over the cosines s_{c,k} to the K proxies of class c. σ is learned
+  and positive: a negative σ flips every score (with PODNet's hinged NCA loss a raw σ crossed zero on a 2-class
+  digits task and reached zero loss with wrong predictions). Unbounded, σ = exp(s); with `max_sigma` M,
+  σ = M · sigmoid(s − log(M − 1)), which is 1 at s = 0, equals exp(s) to first order there and never exceeds M
+  (PODNet: an unbounded σ went 1.5 → 26 → 11 over three digits tasks, and every jump shifted the NCA margin's
+  weight against the similarities).
   The class weights are kept as one part per task, so a task's part is a separate parameter, created when the
   head grows and frozen when the next task arrives.
 - `CosineIncrementalNet`: a backbone plus that head, with the interface of `IncrementalNet`; its forward also
@@ -22,15 +25,19 @@ from utils.registry import UserError, closest
 
 
 class CosineClassifier(nn.Module):
-    def __init__(self, in_features: int, nb_proxy: int = 1):
+    def __init__(self, in_features: int, nb_proxy: int = 1, max_sigma: float | None = None):
         super().__init__()
-        self.in_features, self.nb_proxy = in_features, nb_proxy
+        if max_sigma is not None and max_sigma <= 1:
+            raise UserError(f"the bound of the learned scale must exceed its initial value 1, got {max_sigma}")
+        self.in_features, self.nb_proxy, self.max_sigma = in_features, nb_proxy, max_sigma
         self.parts = nn.ParameterList()  # one (classes of the task x nb_proxy, in_features) weight per task
-        self.log_sigma = nn.Parameter(torch.zeros(1))  # σ = exp(log_sigma): learned, positive, initially 1
+        self.log_sigma = nn.Parameter(torch.zeros(1))  # s: σ = exp(s), or M · sigmoid(s − log(M − 1)); 1 at start
 
     @property
     def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
+        if self.max_sigma is None:
+            return self.log_sigma.exp()
+        return self.max_sigma * torch.sigmoid(self.log_sigma - math.log(self.max_sigma - 1))
 
     @property
     def out_features(self) -> int:
@@ -43,6 +50,12 @@ class CosineClassifier(nn.Module):
         device = self.log_sigma.device
         self.parts.append(nn.Parameter(torch.empty(n * self.nb_proxy, self.in_features, device=device)
                                        .uniform_(-bound, bound)))
+
+    @torch.no_grad()
+    def imprint(self, weight: torch.Tensor) -> None:
+        """Set the newest part (classes x nb_proxy, in_features), e.g. to the new classes' normalised feature
+        means (imprinting); only the directions matter to the cosines."""
+        self.parts[-1].copy_(weight.reshape(self.parts[-1].shape))
 
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
         """(B, classes) class similarities ŷ in [-1, 1] (plain cosines when nb_proxy is 1), in float32."""
@@ -61,10 +74,11 @@ class CosineClassifier(nn.Module):
 class CosineIncrementalNet(nn.Module):
     """forward(x) -> {"features", "maps" (the hooked outputs, in execution order), "cosine", "logits" = σ·cosine}."""
 
-    def __init__(self, backbone: nn.Module, nb_proxy: int = 1, layer_names: list[str] | tuple = ()):
+    def __init__(self, backbone: nn.Module, nb_proxy: int = 1, layer_names: list[str] | tuple = (),
+                 max_sigma: float | None = None):
         super().__init__()
         self.backbone, self.feature_dim = backbone, backbone.feature_dim
-        self.head = CosineClassifier(self.feature_dim, nb_proxy)
+        self.head = CosineClassifier(self.feature_dim, nb_proxy, max_sigma)
         names = [n for n, _ in backbone.named_modules() if n]
         for name in layer_names:
             if name not in names:

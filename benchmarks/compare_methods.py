@@ -1,10 +1,14 @@
-"""Compare every method on digits and write docs/results.md (the table is generated, never typed by hand).
+"""Compare every method on digits at one common budget; write docs/results.md and docs/results.png (both are
+generated, never typed by hand).
 
-Each row runs `python main.py --config options/<method>/digits.yaml --seed 1 2 3` (plus the row's overrides)
-and reads its results.json: mean ± std over seeds of last accuracy, average incremental accuracy and forgetting,
-the final inference GFLOPs and the training wall time.
+Every row runs `python main.py --config options/<method>/digits.yaml --seed 1 2 3` plus the budget below as
+command-line overrides (so a method's yaml cannot step outside it), one run at a time, each on one CPU thread,
+and reads its results.json: mean ± std over the seeds of last accuracy, average incremental accuracy and
+forgetting, the inference GFLOPs and parameters after the last task, and the training wall time per seed.
+A method's own hyper-parameters (learning rate, loss weights, its extra stages) come from its yaml; the optimiser
+of each row is printed beside it. The prompt methods run on a ViT, as their papers do, in a table of their own.
 
-    python benchmarks/compare_methods.py [--jobs 2] [--seeds 1 2 3] [--methods icarl wa ...] [--out docs/results.md]
+    python benchmarks/compare_methods.py [--seeds 1 2 3] [--methods icarl wa ...] [--reuse] [--out docs/results.md]
 """
 from __future__ import annotations
 
@@ -14,23 +18,75 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-BASELINES = [("finetune_il, no memory (lower bound)", "finetune_il", ["--memory_size", "0", "--apply_nme", "false"]),
-             ("finetune_il + replay", "finetune_il", []),
-             ("finetune_normal (joint, upper bound)", "finetune_normal", [])]
+# The common budget of the CNN table (digits, resnet32 / cosine_resnet32 from scratch).
+CNN_BUDGET = {"img_size": 16, "init_epochs": 5, "epochs": 5, "batch_size": 32, "memory_size": 200,
+              "fixed_memory": False, "shuffle": True, "init_cls": 2, "increment": 2}
+# GEM's paper keeps a fixed episodic memory per task: 20 per class, i.e. 200 after the last task.
+ROW_EXTRA = {"gem": {"fixed_memory": True, "memory_per_class": 20}}
+# The prompt methods: a frozen tiny ViT (random weights: nothing to download), no memory (rehearsal-free).
+VIT_BUDGET = {"img_size": 16, "init_epochs": 5, "epochs": 5, "batch_size": 32, "memory_size": 0,
+              "shuffle": True, "init_cls": 2, "increment": 2}
+BUDGET_TEXT = {
+    "cnn": ("scikit-learn digits, 5 tasks of 2 classes, the class order shuffled by each seed (the same order for "
+            "every method), images at {img_size} px, {epochs} epochs per task (every stage of a method's main "
+            "training; a method's extra stages, such as a class-balanced or bias-correction stage, are its own and "
+            "counted in its wall time), batch {batch_size}, a replay memory of {memory_size} samples in all "
+            "(split over the seen classes, each method's own selection; GEM keeps 20 per class, its paper's fixed "
+            "per-task episodic memory, so at most 200), networks trained from scratch, SGD for every method (with "
+            "momentum 0.9, weight decay 5e-4 and a cosine schedule, except GEM, whose projection needs plain SGD)."),
+    "vit": ("scikit-learn digits, 5 tasks of 2 classes, the same class orders, a frozen vit_tiny_patch16_224 with "
+            "random weights at {img_size} px (one patch per image), {epochs} epochs per task, batch {batch_size}, "
+            "no replay memory, Adam. The numbers say little about the methods, which need pretrained features; "
+            "they show the methods run and how their costs compare."),
+}
+BASELINES = [("finetune_il, no memory (lower bound)", "finetune_il", {"memory_size": 0, "apply_nme": False}),
+             ("finetune_il + replay", "finetune_il", {}),
+             ("finetune_normal (joint training, upper bound)", "finetune_normal", {"memory_size": 0})]
+SHORT = {BASELINES[0][0]: "finetune, no memory", BASELINES[1][0]: "finetune + replay", BASELINES[2][0]: "joint"}
 
 
-def rows(methods: list[str] | None) -> list[tuple[str, str, list[str]]]:
+def _config(method: str, overrides: list[str]):
+    from methods import method_config
+    from utils.config import load_config, parse_cli_overrides
+
+    return load_config(os.path.join(ROOT, "options", method, "digits.yaml"), parse_cli_overrides(overrides),
+                       method_config)
+
+
+def _argv(budget: dict) -> list[str]:
+    return [a for k, v in budget.items() for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+
+
+def rows(methods: list[str] | None) -> list[dict]:
+    """Every row: label, method, table ("cnn" or "vit") and the command-line overrides (budget + row's own)."""
     from methods import METHODS
 
+    out = []
+    candidates = [(label, m, extra) for label, m, extra in BASELINES] if methods is None else []
     names = methods or [m for m in METHODS.keys() if m not in ("finetune_il", "finetune_normal")
                         and METHODS.meta(m)["method_type"] == "multi_steps"]
-    extra = [(m, m, []) for m in names if os.path.isfile(os.path.join(ROOT, "options", m, "digits.yaml"))]
-    return (BASELINES if methods is None else []) + extra
+    candidates += [(m, m, {}) for m in names if os.path.isfile(os.path.join(ROOT, "options", m, "digits.yaml"))]
+    for label, method, extra in candidates:
+        table = "vit" if "vit" in _config(method, []).backbone else "cnn"
+        overrides = _argv({**(CNN_BUDGET if table == "cnn" else VIT_BUDGET), **ROW_EXTRA.get(method, {}), **extra})
+        out.append({"label": label, "method": method, "table": table, "overrides": overrides})
+    return out
+
+
+def _optimiser(cfg) -> str:
+    name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[cfg.opt_type]
+    parts = [f"{name} lr {cfg.lrate:g}"]
+    if cfg.opt_type == "sgd":
+        parts.append(f"momentum {cfg.opt_mom:g}")
+    if cfg.weight_decay:
+        parts.append(f"wd {cfg.weight_decay:g}")
+    if cfg.scheduler:
+        parts.append(cfg.scheduler)
+    return ", ".join(parts)
 
 
 def _finished(log_root: str, method: str, note: str) -> str | None:
@@ -43,60 +99,133 @@ def _finished(log_root: str, method: str, note: str) -> str | None:
     return None
 
 
-def run_row(label: str, method: str, overrides: list[str], seeds: list[str], log_root: str, reuse: bool) -> dict:
-    note = method + ("_nomem" if "no memory" in label else "")
+def run_row(row: dict, seeds: list[str], log_root: str, reuse: bool) -> dict:
+    method, overrides = row["method"], row["overrides"]
+    note = method + ("_nomem" if "no memory" in row["label"] else "")
     cmd = [sys.executable, "main.py", "--config", f"options/{method}/digits.yaml", "--seed", *seeds, "--device",
            "cpu", "--log_root", log_root, "--note", note, *overrides]
     shown = " ".join(["python", *cmd[1:4], "--seed", *seeds, *overrides])
     path = _finished(log_root, method, note) if reuse else None
     if path is None:
+        print(f"running {row['label']}: {shown}", flush=True)
+        start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
         if proc.returncode != 0:
-            return {"label": label, "error": proc.stderr.strip().splitlines()[-1:], "cmd": shown}
+            return {**row, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "cmd": shown}
         path = _finished(log_root, method, note)
     with open(path) as f:
         results = json.load(f)
-    return {"label": label, "summary": results["summary"], "cmd": shown}
+    return {**row, "summary": results["summary"], "cmd": shown, "optimiser": _optimiser(_config(method, overrides))}
 
 
 def fmt(stat: dict | None) -> str:
     return "-" if not stat or stat["mean"] is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
+def table(done: list[dict]) -> list[str]:
+    lines = ["| method | last acc | avg incremental acc | forgetting | last NME acc | GFLOPs | params (M) | "
+             "train time (s) | optimiser |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in done:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
+            continue
+        s = r["summary"]
+        lines.append(f"| {r['label']} | {fmt(s['last_acc'])} | {fmt(s['avg_incremental_acc'])} | "
+                     f"{fmt(s['forgetting'])} | {fmt(s.get('last_nme_acc'))} | {s['final_gflops']['mean']:.4f} | "
+                     f"{s['final_params']['mean'] / 1e6:.3f} | {s['train_time_s']['mean']:.0f} | {r['optimiser']} |")
+    return lines
+
+
+def targets(done: list[dict]) -> list[str]:
+    """The acceptance checks of the comparison (issue 11), evaluated on this table."""
+    last = {r["label"]: r["summary"]["last_acc"] for r in done if "summary" in r}
+    lower, replay = last.get(BASELINES[0][0]), last.get(BASELINES[1][0])
+    if lower is None or replay is None:
+        return []
+    memory = [r["label"] for r in done if r["table"] == "cnn" and r["label"] not in (BASELINES[0][0], BASELINES[2][0])
+              and r["label"] in last]
+    checks = [(f"every replay method >= the no-memory lower bound + 50 ({lower['mean'] + 50:.2f})",
+               all(last[m]["mean"] >= lower["mean"] + 50 for m in memory),
+               ", ".join(f"{m} {last[m]['mean']:.2f}" for m in memory if last[m]["mean"] < lower["mean"] + 50))]
+    if "gem" in last:
+        checks.append((f"GEM within 5 points of finetune + replay ({replay['mean']:.2f})",
+                       last["gem"]["mean"] >= replay["mean"] - 5, f"gem {last['gem']['mean']:.2f}"))
+    if "bic" in last and "wa" in last:
+        checks.append((f"BiC >= WA - 2 ({last['wa']['mean'] - 2:.2f})", last["bic"]["mean"] >= last["wa"]["mean"] - 2,
+                       f"bic {last['bic']['mean']:.2f}"))
+    if "podnet" in last:
+        checks.append(("PODNet's std over seeds <= 4", last["podnet"]["std"] <= 4,
+                       f"std {last['podnet']['std']:.2f}"))
+    return [f"- {'met' if ok else 'NOT met'}: {text}" + ("" if ok or not why else f" ({why})")
+            for text, ok, why in checks]
+
+
+def plot(done: list[dict], path: str) -> None:
+    """Last accuracy against inference GFLOPs, one point per method with the std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {"cnn": ("o", "ResNet-32 methods (common budget)"), "vit": ("s", "prompt methods (frozen ViT)")}
+    for kind, (marker, label) in styles.items():
+        points = [r for r in done if "summary" in r and r["table"] == kind]
+        if not points:
+            continue
+        x = [r["summary"]["final_gflops"]["mean"] for r in points]
+        y = [r["summary"]["last_acc"]["mean"] for r in points]
+        err = [r["summary"]["last_acc"]["std"] for r in points]
+        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=label)
+        for r, xi, yi in zip(points, x, y):
+            ax.annotate(SHORT.get(r["label"], r["label"]), (xi, yi), textcoords="offset points", xytext=(5, -3),
+                        fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="inference GFLOPs per image after the last task (fvcore, log scale)",
+           ylabel="last accuracy (%), mean ± std over seeds", ylim=(0, 102),
+           title="digits, 5 tasks of 2 classes: accuracy against inference cost")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="*", help="only these methods (default: every method with a digits.yaml)")
+    parser.add_argument("--methods", nargs="*", help="only these methods (default: every method with a digits.yaml, "
+                                                     "plus the baselines)")
     parser.add_argument("--seeds", nargs="+", default=["1", "2", "3"])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each on one CPU thread)")
     parser.add_argument("--log_root", default=os.path.join(ROOT, "logs", "compare"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs found under --log_root")
     args = parser.parse_args(argv)
-    todo = rows(args.methods)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda r: run_row(*r, args.seeds, args.log_root, args.reuse), todo))
+    started = time.perf_counter()
+    done = [run_row(r, args.seeds, args.log_root, args.reuse) for r in rows(args.methods)]  # one run at a time
+    png = os.path.splitext(args.out)[0] + ".png"
+    seeds = " ".join(args.seeds)
     lines = ["# Methods compared on digits", "",
-             f"Generated by `python benchmarks/compare_methods.py --seeds {' '.join(args.seeds)}` "
-             f"({time.strftime('%Y-%m-%d')}, CPU, one thread per run). scikit-learn digits, 5 tasks of 2 classes, "
-             "class order shuffled by each seed, each method's `options/<method>/digits.yaml`. Mean ± std over "
-             f"{len(args.seeds)} seeds; accuracies in %; GFLOPs = fvcore count (multiply-adds) per image at test "
-             "time after the last task; wall time = training time summed over tasks, per seed. \"last acc\" is the "
-             "method's classifier of record (NME for iCaRL, the network's head otherwise).", "",
-             "| method | last acc | avg incremental acc | forgetting | last CNN acc | last NME acc | GFLOPs | "
-             "train time (s) |", "|---|---|---|---|---|---|---|---|"]
-    for r in done:
-        if "error" in r:
-            lines.append(f"| {r['label']} | failed: {' '.join(r['error'])} | | | | | | |")
-            continue
-        s = r["summary"]
-        lines.append(f"| {r['label']} | {fmt(s['last_acc'])} | {fmt(s['avg_incremental_acc'])} | "
-                     f"{fmt(s['forgetting'])} | {fmt(s.get('last_cnn_acc'))} | {fmt(s.get('last_nme_acc'))} | {s['final_gflops']['mean']:.4f} | "
-                     f"{s['train_time_s']['mean']:.0f} |")
-    lines += ["", "Commands (one row each):", ""] + [f"- {r['label']}: `{r['cmd']}`" for r in done]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+             f"Generated by `python benchmarks/compare_methods.py --seeds {seeds}` ({time.strftime('%Y-%m-%d')}, CPU, "
+             f"one run at a time on one thread, {(time.perf_counter() - started) / 60:.0f} min in all). Mean ± std "
+             f"over {len(args.seeds)} seeds ({seeds}); accuracies in %; \"last acc\" is the method's classifier of "
+             "record after the last task (NME for iCaRL, the network's head otherwise); GFLOPs = fvcore count "
+             "(multiply-adds) per image at test time after the last task; params = those the test-time forward "
+             "uses; train time = wall time of training summed over the tasks, per seed.", "",
+             "## Methods on a ResNet-32 trained from scratch", "",
+             "Budget, the same for every row: " + BUDGET_TEXT["cnn"].format(**CNN_BUDGET), "",
+             *table([r for r in done if r["table"] == "cnn"]), "", "Targets of the comparison:", "",
+             *(targets(done) or ["- (the baselines are not in this table)"]), "",
+             "## Prompt methods on a frozen ViT", "",
+             "Budget: " + BUDGET_TEXT["vit"].format(**VIT_BUDGET), "",
+             *table([r for r in done if r["table"] == "vit"]), "",
+             f"![last accuracy against inference GFLOPs]({os.path.basename(png)})", "",
+             "Commands (one row each):", "", *[f"- {r['label']}: `{r['cmd']}`" for r in done]]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
+    plot(done, png)
     print("\n".join(lines))
     return done
 

@@ -38,3 +38,36 @@ def run_stage(method, engine, task, name, new_data, **changes):
 
     stage = next(s for s in method.stages(task, new_data, engine) if s.name == name)
     return engine.fit(method, task, dataclasses.replace(stage, **changes))
+
+
+# ---- known-answer tests: a marker, and its collection over every test file ----
+def known_answer(*methods: str):
+    """Mark a test as a known-answer test of the registered methods `methods`: it recomputes a loss or a
+    prediction of theirs from the paper's formula written out in the test. `tests/test_methods.py` fails for any
+    registered method that no test of any `tests/test_*.py` file marks so."""
+    return pytest.mark.known_answer(*methods)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "known_answer(*methods): a known-answer test of the named methods")
+
+
+def known_answer_methods() -> dict[str, list[str]]:
+    """method -> the known-answer tests ('file::test') that mark it, over every tests/test_*.py module."""
+    import importlib
+    import inspect
+
+    found: dict[str, list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        module = importlib.import_module(name)
+        items = [(n, o) for n, o in vars(module).items() if n.startswith("test") and callable(o)]
+        for cls_name, cls in [(n, o) for n, o in vars(module).items() if n.startswith("Test") and inspect.isclass(o)]:
+            items += [(f"{cls_name}::{n}", o) for n, o in vars(cls).items() if n.startswith("test") and callable(o)]
+            items += [(cls_name, cls)]
+        for test, obj in items:
+            for mark in getattr(obj, "pytestmark", []):
+                if mark.name == "known_answer":
+                    for method in mark.args:
+                        found.setdefault(method, []).append(f"{name}.py::{test}")
+    return found

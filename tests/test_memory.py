@@ -8,10 +8,33 @@ from utils.memory import ExemplarMemory, closest_to_mean, herding
 
 def test_herding_first_pick_is_closest_to_mean_and_then_balances():
     feats = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [0.9, 0.1]]), dim=1)
-    order = herding(feats, 3)
-    # the diagonal vector is nearest to the mean; the next picks keep the running mean on the diagonal
-    assert order[0] == 2
-    assert len(set(order.tolist())) == 3
+    # mean (0.675, 0.454): the diagonal is nearest; then [0.9, 0.1] keeps the running mean closest; then the
+    # vertical [0, 1] balances the two right-leaning picks, although [1, 0] is nearer to the mean on its own
+    assert herding(feats, 4).tolist() == [2, 3, 1, 0]
+    assert herding(feats, 2).tolist() == [2, 3]
+    assert closest_to_mean(feats, 4).tolist() == [2, 3, 0, 1]  # the greedy order differs from nearest-first
+
+
+def _herding_by_hand(features, m):
+    """Welling's herding: pick k minimises || mean - (sum of the k - 1 picks + f) / k ||."""
+    mean = features.mean(0)
+    picked = []
+    for k in range(1, m + 1):
+        best, best_dist = None, float("inf")
+        for i in range(len(features)):
+            if i in picked:
+                continue
+            dist = float((mean - (features[picked].sum(0) + features[i]) / k).norm())
+            if dist < best_dist:
+                best, best_dist = i, dist
+        picked.append(best)
+    return picked
+
+
+def test_herding_matches_the_greedy_rule_on_random_features():
+    torch.manual_seed(1)
+    feats = F.normalize(torch.randn(40, 5), dim=1)
+    assert herding(feats, 12).tolist() == _herding_by_hand(feats, 12)
 
 
 def test_herding_running_mean_approaches_class_mean():
@@ -42,7 +65,13 @@ class _FakeData:
 
 
 def _features(indices):
-    return torch.as_tensor(np.stack([np.cos(indices), np.sin(indices)], 1), dtype=torch.float32)
+    """2-d features of train-pool positions, with lengths that vary (the memory normalises them)."""
+    scale = 1.0 + (np.asarray(indices) % 7)
+    return torch.as_tensor(np.stack([np.cos(indices), np.sin(indices)], 1) * scale[:, None], dtype=torch.float32)
+
+
+def _unit(indices):
+    return F.normalize(_features(indices), dim=1)
 
 
 def test_total_budget_is_rebalanced_and_keeps_priority_order():
@@ -75,3 +104,57 @@ def test_state_round_trip():
     other = ExemplarMemory(8, False, None, "herding", n_classes=4, seed=0)
     other.load_state_dict(memory.state_dict())
     assert np.array_equal(other.indices(), memory.indices())
+
+
+def test_update_herds_each_new_class_on_its_normalised_features():
+    data = _FakeData()
+    memory = ExemplarMemory(8, False, None, "herding", n_classes=4, seed=0)
+    memory.update([0, 1], 2, data, _features)
+    for c in (0, 1):
+        pool = data.indices("train", [c])
+        assert memory.exemplars[c].tolist() == pool[_herding_by_hand(_unit(pool), 4)].tolist()
+
+
+def test_fixed_per_class_budget_keeps_old_exemplars_and_defaults_to_an_even_share():
+    data = _FakeData()
+    memory = ExemplarMemory(0, True, 3, "herding", n_classes=4, seed=0)
+    memory.update([0, 1], 2, data, _features)
+    first = {c: v.copy() for c, v in memory.exemplars.items()}
+    memory.update([2, 3], 4, data, _features)
+    assert [len(memory.exemplars[c]) for c in range(4)] == [3, 3, 3, 3]
+    assert all(np.array_equal(memory.exemplars[c], first[c]) for c in (0, 1))  # not shrunk by the new task
+    assert ExemplarMemory(20, True, None, "herding", n_classes=4, seed=0).quota(2) == 5  # memory_size // classes
+    assert ExemplarMemory(20, False, None, "herding", n_classes=4, seed=0).quota(3) == 6  # memory_size // seen
+
+
+def test_balanced_set_adds_as_many_of_each_new_class_and_leaves_the_memory_alone():
+    from utils.types import Task
+
+    data = _FakeData()
+    memory = ExemplarMemory(8, False, None, "herding", n_classes=4, seed=0)
+    memory.update([0, 1], 2, data, _features)
+    before = memory.indices().copy()
+    balanced = memory.balanced_indices(Task(1, 2, 4, 2), data, _features)
+    assert np.bincount(data.train_y[balanced]).tolist() == [2, 2, 2, 2]
+    assert set(memory.exemplars[0][:2]) <= set(balanced) and np.array_equal(memory.indices(), before)
+
+
+def test_class_means_are_normalised_means_of_normalised_exemplar_features():
+    data = _FakeData()
+    memory = ExemplarMemory(0, True, 3, "random", n_classes=4, seed=0)
+    memory.update([0, 1], 2, data, _features)
+    means = memory.class_means(data, _features)
+    assert means.shape == (2, 2)
+    for c in (0, 1):
+        expected = F.normalize(_unit(memory.exemplars[c]).mean(0), dim=0)
+        torch.testing.assert_close(means[c], expected)
+
+
+def test_random_selection_depends_on_the_seed_and_the_class():
+    data = _FakeData()
+    picks = {}
+    for seed in (5, 6):
+        memory = ExemplarMemory(0, True, 3, "random", n_classes=4, seed=seed)
+        memory.update([0, 1], 2, data, _features)
+        picks[seed] = {c: (v - 10 * c).tolist() for c, v in memory.exemplars.items()}
+    assert picks[5] != picks[6] and picks[5][0] != picks[5][1]

@@ -24,7 +24,7 @@ class _Stop(Exception):
 def _args(method):
     args = ["--config", os.path.join(ROOT, "options", method, "digits.yaml"), *TINY, "--img_size", "8", "--epochs",
             "2", "--checkpoint_every", "1", "--save_models", "false", "--note", "run"]
-    return args + (["--epochs_finetune", "2"] if method != "bic" else [])
+    return args + (["--epochs_finetune", "2"] if method != "bic" else ["--epochs_bias", "3"])
 
 
 def _record(root):

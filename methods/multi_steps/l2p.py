@@ -13,10 +13,14 @@ Deviations:
   deep), not input tokens (prompt-tuning), and the feature is the [CLS] token rather than the mean of the prompt
   outputs: the CODA-Prompt paper's "L2P++" (reported stronger than L2P there), and what the original code does.
   `prompt_length` counts prefix tokens per key and per value (the original split one length into halves).
+- The original's switch `shallow_or_deep` is honoured: true puts the prompts in block 0 only (shallow, the
+  input of the ViT), false in blocks 0-4 (deep, "Deep L2P++"), as the original's prompt module does; when it is
+  set it decides the blocks and `prompt_layers` must be left at its default (or agree with it).
 - No prompt-frequency diversification: the paper uses it only when task identity is known at training time.
 - Unlike the original, `backbone`, `pretrained` and `pretrain_path` are honoured (any timm ViT, local weights).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 from backbone.prompt import PromptPool
 from backbone.vit import prompted_vit_net
@@ -34,8 +38,24 @@ class L2PConfig:
     top_k: int = key(5, "prompts selected per image (top-N keys by cosine to the query)", range="[1, inf)")
     prompt_layers: list[int] = key([0], "ViT blocks that receive the prompts ([0]: shallow, [0..4]: deep)",
                                    range="[0, inf)")
+    shallow_or_deep: Optional[bool] = key(None, "the original's switch: true = shallow (prompt_layers [0]), false = "
+                                                "deep ([0, 1, 2, 3, 4]); unset: prompt_layers decides")
     pull_weight: float = key(0.1, "weight of the key-matching loss sum_k (1 - cos(query, key_k))",
                               range="[0, inf)")
+
+
+SHALLOW, DEEP = [0], [0, 1, 2, 3, 4]
+
+
+def prompt_layers(cfg) -> list[int]:
+    """The blocks that receive the prompts: `shallow_or_deep` when set (the original's key), else `prompt_layers`."""
+    if cfg.shallow_or_deep is None:
+        return list(cfg.prompt_layers)
+    layers = SHALLOW if cfg.shallow_or_deep else DEEP
+    if list(cfg.prompt_layers) not in (SHALLOW, layers):
+        raise UserError(f"shallow_or_deep: {str(cfg.shallow_or_deep).lower()} puts the prompts in blocks {layers}, but "
+                        f"prompt_layers is {list(cfg.prompt_layers)}; set only one of the two")
+    return list(layers)
 
 
 @register_method("l2p", config=L2PConfig)
@@ -50,8 +70,8 @@ class L2P(Method):
         vit = self.network.backbone
         if not 1 <= cfg.top_k <= cfg.prompt_pool:
             raise UserError(f"top_k must lie in [1, prompt_pool = {cfg.prompt_pool}], got {cfg.top_k}")
-        self.pool = PromptPool(cfg.prompt_pool, cfg.prompt_length, vit.check_layers("prompt_layers", cfg.prompt_layers),
-                               vit.embed_dim)
+        layers = vit.check_layers("prompt_layers", prompt_layers(cfg))
+        self.pool = PromptPool(cfg.prompt_pool, cfg.prompt_length, layers, vit.embed_dim)
 
     def training_step(self, x, y):
         logits, cos = self.forward_prompted(x)

@@ -14,7 +14,10 @@ Deviations from the paper or the original code, and why:
   class and σ, with the feature extractor and its BN statistics frozen, by CE on the memory as it will be after
   the task (m exemplars per old class plus m herded samples per new class); its schedule is multi_step with
   `milestones_finetune`, or cosine when none are given.
-- New-class weights start random; the authors' optional imprinting of class-mean features is not done.
+- New-class weights are imprinted (`imprint: true`, as the authors' scripts run LUCIR, `--imprint_weights`): at
+  the start of every later task, class c's weight is the normalised mean of the normalised features of c's
+  training samples under the network of the previous task (an `Action` before the training stage). The first
+  task's weights start random. With `imprint: false` every new class starts random.
 - σ is learned as exp(log σ), so it stays positive; cosines are computed in float32 under mixed precision;
   the ranking loss is the mean over (old sample, k) pairs.
 - A replay memory is required (the ranking loss needs old-class exemplars).
@@ -25,12 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from torch.nn import functional as F
+
 from backbone.cosine_linear import CosineIncrementalNet
 from methods import register_method
 from methods.base import BalancedStageConfig, Method
 from utils.config import key
 from utils.losses import feature_distillation, margin_ranking_loss
-from utils.types import OptimConfig, Stage
+from utils.types import Action, OptimConfig, Stage
 
 
 @dataclass
@@ -40,6 +46,8 @@ class UCIRConfig(BalancedStageConfig):
     K: int = key(2, "hard negatives per old-class sample: its K highest new-class scores", range="[1, inf)")
     margin: float = key(0.5, "margin of the ranking loss, in cosine units", range="[0, inf)")
     nb_proxy: int = key(1, "proxies per class of the cosine classifier", range="[1, inf)")
+    imprint: bool = key(True, "initialise each later task's class weights from the classes' normalised feature "
+                              "means (imprinting); false: random")
 
 
 @register_method("ucir", config=UCIRConfig)
@@ -52,6 +60,8 @@ class UCIR(Method):
 
     def stages(self, task, new_data, engine):
         stages = super().stages(task, new_data, engine)
+        if not task.is_first and self.cfg.imprint:
+            stages = [Action("imprint", lambda: self.imprint(task, engine)), *stages]
         if task.is_first or self.cfg.epochs_finetune == 0:
             return stages
         opt = OptimConfig.from_config(self.cfg, first_task=False).replace(
@@ -77,11 +87,23 @@ class UCIR(Method):
         the frozen feature extractor keeps its BN statistics)."""
         return self.classification(self.network(x), y)
 
+    def imprint(self, task, engine) -> None:
+        """Imprint the new classes' weights (the head's newest part) from the current network's features."""
+        indices = self.data.indices("train", task.classes)
+        features = F.normalize(engine.features(self.network, self.data.dataset("train", indices, augment=False))
+                               .float(), dim=1)
+        labels = torch.as_tensor(self.data.train_y[indices])
+        self.network.head.imprint(torch.cat([self.class_proxies(features[labels == c], c) for c in task.classes]))
+
+    def class_proxies(self, features: torch.Tensor, c: int) -> torch.Tensor:
+        """(nb_proxy, D) imprinted proxies of class c from its normalised features: their normalised mean."""
+        return F.normalize(features.mean(0), dim=0).expand(self.cfg.nb_proxy, -1)
+
     # ---- helpers ----
     def classification(self, out, y):
         return {"ce": self.ce(out["logits"], y)}
 
-    def cosine_network(self, layer_names=()) -> CosineIncrementalNet:
-        network = CosineIncrementalNet(self.make_backbone(), self.cfg.nb_proxy, layer_names)
+    def cosine_network(self, layer_names=(), max_sigma=None) -> CosineIncrementalNet:
+        network = CosineIncrementalNet(self.make_backbone(), self.cfg.nb_proxy, layer_names, max_sigma)
         network.freeze_backbone(self.cfg.freeze_fe)
         return network
