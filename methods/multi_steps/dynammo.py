@@ -28,37 +28,66 @@ Choices where the paper is silent, and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from backbone.adapters import MERGED, bn_recalibration
+import torch
+
+from backbone.adapters import MERGE_STRATEGIES, MERGED, bn_recalibration
 from methods import register_method
 from methods.multi_steps.acl import ACL, ACLConfig
 from utils.config import key
+from utils.registry import UserError
 from utils.types import Action
+
+#: lambda of each strategy when merge_lambda is not set (see the module docstring)
+DEFAULT_LAMBDA = {"mean": 1.0, "task_arithmetic": 0.5, "ties": 1.0, "magmax": 0.5}
 
 
 @dataclass
 class DynaMMoConfig(ACLConfig):
     recalibrate_bn: bool = key(False, "re-estimate the merged adapters' BN statistics on the balanced set "
                                       "instead of averaging the task adapters' statistics")
+    merge_strategy: str = key("mean", "how the task adapters are merged (mean: the paper's)", MERGE_STRATEGIES)
+    merge_lambda: Optional[float] = key(None, "scale of the merged task vector (task_arithmetic, ties, magmax; "
+                                              "default: task_arithmetic 0.5, ties 1.0, magmax 0.5)")
+    ties_keep: float = key(0.2, "ties: share of each task vector's entries kept after trimming (TIES's k)")
+    alpha_merge: str = key("strategy", "each adapter's scale alpha: merged like every other parameter, or the "
+                                       "newest task's", ("strategy", "newest"))
+    finetune_merged: bool = key(False, "stage 2 trains the merged adapters together with the heads")
 
 
 @register_method("dynammo", config=DynaMMoConfig)
 class DynaMMo(ACL):
     merge_adapters = True
 
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        if not 0.0 < cfg.ties_keep <= 1.0:
+            raise UserError(f"ties_keep must lie in (0, 1], got {cfg.ties_keep}")
+
     def consolidation(self, balanced, engine):
         return [Action("merge", lambda: self.merge(balanced(), engine))]
 
     def merge(self, balanced, engine) -> None:
-        """Average the task adapters into the merged set (and re-estimate its BN statistics on the balanced set)."""
-        self.network.merge()
-        if self.cfg.recalibrate_bn and balanced is not None:
+        """Merge the task adapters into the merged set (and re-estimate its BN statistics on the balanced set)."""
+        cfg = self.cfg
+        lam = DEFAULT_LAMBDA[cfg.merge_strategy] if cfg.merge_lambda is None else cfg.merge_lambda
+        self.network.merge(cfg.merge_strategy, lam, cfg.ties_keep, cfg.alpha_merge)
+        if cfg.recalibrate_bn and balanced is not None:
             with bn_recalibration(self.network.merged):
                 engine.infer(self._calibration_pass, self.data.dataset("train", balanced, augment=False), self.network)
 
     def paths(self):
         """One pass through the merged adapters, whatever the number of tasks."""
         return [MERGED]
+
+    def heads_stage_trains(self):
+        return [self.network.heads, self.network.merged] if self.cfg.finetune_merged else [self.network.heads]
+
+    def heads_stage_features(self, x):
+        if self.cfg.finetune_merged:
+            return self.network(x, [MERGED])
+        return super().heads_stage_features(x)
 
     def _calibration_pass(self, x):
         self.network.merged.train()  # batch statistics feed the running averages
