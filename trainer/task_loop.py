@@ -37,6 +37,7 @@ def build(cfg, seed: int, device: torch.device):
 def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None) -> dict:
     """Train one seed task by task (continuing from the checkpoint `resume` if given); returns its record."""
     data, method, engine = build(cfg, seed, device)
+    method.run_dir = run_dir  # where a method may write files of its own (contrastive_pretrain: the backbone)
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     first, position = 0, None
     if resume is not None:

@@ -14,10 +14,26 @@ where ACL pays for T adapted paths. The per-task adapters stay stored: the next 
 (un-merged) adapters and the merge is recomputed over all of them.
 
 Choices where the paper is silent, and deviations:
-- Merge weights are uniform; every parameter is averaged, alpha included. BN running statistics are averaged
-  too (the original's evident intent), or, with `recalibrate_bn: true`, re-estimated as the plain average over
-  the batches of the un-augmented balanced set passed through the merged path in train mode (from the second
-  task on; after the first task the merge is the task's own adapter set).
+- Merge weights are uniform; every parameter is averaged, alpha included (`merge_strategy: mean`, the default).
+  BN running statistics are averaged too (the original's evident intent), or, with `recalibrate_bn: true`,
+  re-estimated as the plain average over the batches of the un-augmented balanced set passed through the merged
+  path in train mode (from the second task on; after the first task the merge is the task's own adapter set).
+
+Beyond the paper (all keep the single merged pass at test time; formulas in backbone/adapters.py):
+- `merge_strategy`: `mean` (the paper's), `task_arithmetic` (Ilharco et al., ICLR 2023), `ties` (trim, elect
+  sign, disjoint mean; Yadav et al., NeurIPS 2023) or `magmax` (per entry the task vector of largest magnitude;
+  Marczak et al., ECCV 2024). The task vectors are each task's whole adapter set minus the first task's, the
+  stored reference point (why not the initialisation: see backbone/adapters.py). `merge_lambda` scales the merged
+  task vector; unset, it is TIES's recommended 1.0, MagMax's 0.5 (its authors' scripts) and 0.5 for task
+  arithmetic (whose paper picks it on validation data, which a continual learner does not have); `ties_keep` is
+  TIES's k (the share of each task vector kept, 0.2 as in the paper).
+- `alpha_merge`: the adapters' output scale alpha is a single number per adapter whose sign the tasks choose
+  freely (-0.92 and +0.06 at the same point on digits), so averaging it can cancel every task's correction.
+  `strategy` merges it like every other parameter (the paper's mean), `newest` takes the newest task's.
+- `adapter_init: first` (ACL's key): every task starts from the first task's adapters instead of the previous
+  task's, so that all task vectors share one starting point (ACMap, Fukuda et al., CVPR 2025, arXiv 2412.18219).
+- `finetune_merged: true`: stage 2 trains the merged adapters together with the heads (same optimiser and
+  learning rate), on the balanced set; the next task's merge starts again from the task adapters.
 - The merge is an `Action` between the adapter stage and the head stage, because stage 2 must train the heads
   on the merged features; the merged adapters are parameters of the network, so a run resumed in stage 2 loads
   them from the checkpoint instead of merging again.
