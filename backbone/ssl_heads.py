@@ -2,7 +2,8 @@
 MoCo v2 or SimSiam put on top of it. Only the backbone is kept after pretraining.
 
 - `MoCoNet` (He et al. CVPR 2020; Chen et al. arXiv 2003.04297, "MoCo v2"): the query encoder is the backbone
-  plus a 2-layer MLP head D -> D -> out_dim (ReLU between, no BN); the key encoder is a copy of both, never
+  plus a 2-layer MLP head D -> D -> out_dim (ReLU between, no BN; `head_bn` puts a BN on the hidden layer, as
+  MoCo v3 does); the key encoder is a copy of both, never
   trained by gradient but moved towards the query encoder after every step, theta_k <- m theta_k + (1 - m)
   theta_q; a queue of K L2-normalised keys (a buffer, so checkpoints hold it) supplies the negatives.
 - `SimSiamNet` (Chen & He CVPR 2021): the backbone plus a projection MLP of `proj_layers` Linear-BN layers
@@ -48,11 +49,12 @@ class SimSiamNet(nn.Module):
 
 
 class MoCoNet(nn.Module):
-    def __init__(self, backbone: nn.Module, out_dim: int = 128, K: int = 65536):
+    def __init__(self, backbone: nn.Module, out_dim: int = 128, K: int = 65536, head_bn: bool = False):
         super().__init__()
         self.backbone = backbone
         dim = backbone.feature_dim
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
+        hidden = [nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim)] if head_bn else [nn.Linear(dim, dim)]
+        self.head = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
         self.key_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(K, out_dim), dim=1))

@@ -86,6 +86,7 @@ class ContrastivePretrainConfig:
     m: float = key(0.999, "MoCo: momentum of the key encoder")
     T: float = key(0.2, "MoCo: temperature of InfoNCE")
     K: int = key(65536, "MoCo: keys in the queue (negatives)")
+    head_bn: bool = key(False, "MoCo: BN on the head's hidden layer (MoCo v3's head; MoCo v2 has none)")
     shuffle_bn_splits: int = key(4, "MoCo: sub-batches the key batch is encoded in (shuffling BN on one device)")
     proj_dim: Optional[int] = key(None, "output width of the head (default: MoCo v2 128, SimSiam 2048)")
     pred_dim: int = key(512, "SimSiam: hidden width of the predictor")
@@ -145,7 +146,7 @@ class ContrastivePretrain(Method):
     def build_network(self):
         backbone = self.make_backbone()
         if self.cfg.mode == "moco_v2":
-            return MoCoNet(backbone, self.cfg.proj_dim or 128, self.cfg.K)
+            return MoCoNet(backbone, self.cfg.proj_dim or 128, self.cfg.K, self.cfg.head_bn)
         return SimSiamNet(backbone, self.cfg.proj_dim or 2048, self.cfg.pred_dim, self.cfg.proj_layers)
 
     def before_task(self, task):
