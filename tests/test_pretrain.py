@@ -100,6 +100,50 @@ def test_the_loss_falls(mode):
     assert int(method.network.queue_ptr) == (8 * 8 * 16) % 32 if mode == "moco_v2" else True
 
 
+def probe_accuracy(backbone, data, augmented_test):
+    """Logistic regression on the standardised features of the un-augmented training images, scored on the test
+    images seen through `augmented_test` (a transform), after the BN statistics of `backbone` are re-estimated on
+    the training images (what contrastive_pretrain does before writing its file, done to both backbones)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from backbone.adapters import bn_recalibration
+    from datasets.base import ImageDataset
+
+    engine = Engine(torch.device("cpu"))
+    train = data.dataset("train", np.arange(len(data.train_y)), augment=False)
+    with bn_recalibration(backbone):
+        engine.infer(lambda x: backbone.train()(x), train, backbone)
+    backbone.eval()
+    x_train, y_train = engine.infer(backbone, train, backbone)
+    test = ImageDataset(data.test_x, data.test_y, augmented_test, data.spec.use_path)
+    x_test, y_test = engine.infer(backbone, test, backbone)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    probe = LogisticRegression(max_iter=2000).fit(((x_train - mu) / sd).numpy(), y_train.numpy())
+    return 100 * probe.score(((x_test - mu) / sd).numpy(), y_test.numpy())
+
+
+def test_a_linear_probe_on_the_pretrained_features_beats_a_random_backbone():
+    """SimSiam for a few epochs on 512 images against the same, untrained resnet32. The probe is scored on test
+    images under the pretraining augmentation: on clean 8-px digits a random resnet32 already reaches ~90% (raw
+    pixels 96%), as much as minutes of self-supervision give, whereas features learnt to be invariant to crops
+    and contrast classify the augmented digits far better (random ~29%, 100 epochs of SimSiam ~66%)."""
+    import dataclasses
+
+    method, data = make("simsiam", "--lrate", "0.05", "--batch_size", "32")
+    torch.manual_seed(0)
+    random_backbone = build_backbone("resnet32")
+    engine = Engine(torch.device("cpu"))
+    task = data.tasks[0]
+    stage = method.stages(task, None, engine)[0]
+    subset = torch.utils.data.Subset(method.two_view_data(task), np.arange(512))
+    engine.fit(method, task, dataclasses.replace(stage, data=lambda: subset, optim=stage.optim.replace(epochs=6)))
+    torch.manual_seed(1)
+    pretrained = probe_accuracy(method.network.backbone, data, method.augmentation())
+    torch.manual_seed(1)
+    random = probe_accuracy(random_backbone, data, method.augmentation())
+    assert pretrained > random + 10, (pretrained, random)
+
+
 # ---- the written file ----
 @pytest.fixture(scope="module")
 def pretrained_file(tmp_path_factory):
