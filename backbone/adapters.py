@@ -13,6 +13,25 @@ or "merged" (the averaged adapters, when the network is built with `merged=True`
 the batch is replicated once per path, at later points chunk i goes through path i's adapter, so the layers
 before the first point run once and everything after it runs len(paths) times: ACL's T paths cost
 stem + T * (rest + adapters), DynaMMo's single "merged" path costs stem + rest + adapters whatever T is.
+
+Merging (DynaMMo; `merge_vectors` on the flattened parameters of each task's whole adapter set, every point):
+theta_t are task t's adapter parameters, the reference point is the first task's, theta_0, and the task vectors
+are tau_t = theta_t - theta_0 for t >= 1 (so that mean = theta_0 + (1/T) sum_t tau_t):
+
+    mean              theta = (1/T) sum_{t=0}^{T-1} theta_t                      (DynaMMo, the paper's)
+    task_arithmetic   theta = theta_0 + lambda sum_t tau_t                       (Ilharco et al., ICLR 2023)
+    ties              theta = theta_0 + lambda tau_m,  tau_m^p = mean over {t : tau'_t^p != 0, sgn tau'_t^p = g^p}
+                      of tau'_t^p, where tau'_t keeps the `keep` share of tau_t's entries of largest magnitude
+                      (trim), g = sgn(sum_t tau'_t) (elect sign), 0 where no task agrees (Yadav et al., NeurIPS 2023)
+    magmax            theta = theta_0 + lambda tau_{k(p)}^p,  k(p) = argmax_t |tau_t^p|   (Marczak et al., ECCV 2024)
+
+Why the first task's adapters and not the initialisation as the reference point: the initialisation is a random
+draw that no task ever used, whereas theta_0 is a trained, working adapter set; without pretrained weights the
+backbone itself learns together with theta_0 (ACL trains it in the first task and freezes it after), so theta_0 is
+the "pretrained model" the later adapters are fine-tuned from, exactly the setting of task vectors; with
+`adapter_init: first` every later task literally starts from theta_0 (ACMap, arXiv 2412.18219). It is stored
+anyway (the task adapters are kept), and after the first task every strategy returns theta_0 itself.
+BN running statistics are not weights: every strategy averages them (or DynaMMo re-estimates them).
 """
 from __future__ import annotations
 
@@ -43,14 +62,33 @@ class Adapter(nn.Module):
         return x + self.alpha * torch.relu(self.bn2(self.deconv(a)))
 
 
-@torch.no_grad()
-def average_into(target: nn.Module, sources: Sequence[nn.Module]) -> None:
-    """Set every parameter and buffer of `target` to the uniform mean of the same entry over `sources`
-    (BN running mean and variance included; integer counters are averaged and rounded down)."""
-    states = [s.state_dict() for s in sources]
-    for name, value in target.state_dict(keep_vars=True).items():
-        mean = torch.stack([s[name].double() for s in states]).mean(0)
-        value.copy_(mean.floor() if not value.is_floating_point() else mean)
+MERGE_STRATEGIES = ("mean", "task_arithmetic", "ties", "magmax")
+
+
+def merge_vectors(thetas: torch.Tensor, strategy: str = "mean", lam: float = 1.0, keep: float = 0.2) -> torch.Tensor:
+    """Merge the (T, N) flattened parameters of T task adapter sets into one (N,) vector by `strategy` (formulas in
+    the module docstring; the first row is the reference point theta_0). `lam` scales the merged task vector
+    (ignored by mean), `keep` is TIES's share of each task vector's entries kept after trimming."""
+    if strategy not in MERGE_STRATEGIES:
+        raise UserError(f"merge_strategy '{strategy}' is not one of {', '.join(MERGE_STRATEGIES)}"
+                        f"{closest(strategy, MERGE_STRATEGIES)}")
+    if strategy == "mean":
+        return thetas.mean(0)
+    reference, taus = thetas[0], thetas[1:] - thetas[0]
+    if len(taus) == 0:
+        return reference.clone()
+    if strategy == "task_arithmetic":
+        return reference + lam * taus.sum(0)
+    if strategy == "magmax":
+        pick = taus.abs().argmax(0, keepdim=True)
+        return reference + lam * taus.gather(0, pick)[0]
+    n_keep = max(1, int(round(keep * taus.shape[1])))  # ties: trim, elect sign, disjoint mean
+    threshold = taus.abs().topk(n_keep, dim=1).values[:, -1:]
+    trimmed = torch.where(taus.abs() >= threshold, taus, torch.zeros_like(taus))
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    tau = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return reference + lam * tau
 
 
 @contextlib.contextmanager
@@ -122,20 +160,40 @@ class AdapterNet(nn.Module):
     def n_tasks(self) -> int:
         return len(self.heads)
 
-    def add_task(self, n_classes: int) -> None:
-        """Adapters for a new task at every point, copied from the previous task's, and a head (n_classes + 1)."""
+    def add_task(self, n_classes: int, init_from: str = "previous") -> None:
+        """Adapters for a new task at every point, copied from the previous task's (`init_from` "previous") or the
+        first task's ("first"), and a head (n_classes + 1)."""
         device = next(self.backbone.parameters()).device
         for point, adapters in enumerate(self.adapters):
             adapter = Adapter(self.channels[point])
             if len(adapters):
-                adapter.load_state_dict(adapters[-1].state_dict())
+                adapter.load_state_dict(adapters[-1 if init_from == "previous" else 0].state_dict())
             adapters.append(adapter.to(device))
         self.heads.append(nn.Linear(self.feature_dim, n_classes + 1).to(device))
 
-    def merge(self) -> None:
-        """merged[point] = uniform average of the task adapters at that point (DynaMMo), computed once."""
-        for merged, adapters in zip(self.merged, self.adapters):
-            average_into(merged, list(adapters))
+    def task_set(self, task: int) -> nn.ModuleList:
+        """Task `task`'s adapters at every point, as one module (its parameters in the order of `merged`'s)."""
+        return nn.ModuleList(adapters[task] for adapters in self.adapters)
+
+    @torch.no_grad()
+    def merge(self, strategy: str = "mean", lam: float = 1.0, keep: float = 0.2, alpha: str = "strategy") -> None:
+        """Set the merged adapters from the task adapters, computed once (DynaMMo): the parameters by
+        `merge_vectors(strategy, lam, keep)` over each task's whole adapter set; the BN running statistics
+        averaged; every alpha merged like the other parameters (`alpha` "strategy") or taken from the newest
+        task ("newest")."""
+        sets = [self.task_set(t) for t in range(len(self.adapters[0]))]
+        thetas = torch.stack([torch.cat([p.double().reshape(-1) for p in s.parameters()]) for s in sets])  # any layout
+        merged = merge_vectors(thetas, strategy, lam, keep)
+        offset = 0
+        for p in self.merged.parameters():
+            p.copy_(merged[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        for merged_adapter, adapters in zip(self.merged, self.adapters):
+            for name, buffer in merged_adapter.named_buffers():
+                mean = torch.stack([a.get_buffer(name).double() for a in adapters]).mean(0)
+                buffer.copy_(mean if buffer.is_floating_point() else mean.floor())
+            if alpha == "newest":
+                merged_adapter.alpha.copy_(adapters[-1].alpha)
 
     def adapter(self, point: int, path) -> Adapter:
         return self.merged[point] if path == MERGED else self.adapters[point][path]

@@ -1,6 +1,7 @@
 """What a dataset provides: raw train/test items and labels, its class count and its transforms."""
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -81,22 +82,21 @@ class Pool:
                 self.batch_ops = {False: [], True: ops}
                 self._resized = None
 
+    def image(self, i: int) -> Image.Image:
+        """Sample i as an RGB (file datasets) or native-mode (in-memory) PIL image, before any transform."""
+        if not self.use_path:
+            return Image.fromarray(self.items[i])
+        try:
+            with Image.open(self.items[i]) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read image '{self.items[i]}' ({type(err).__name__}); replace or remove it "
+                            "(python -m datasets.check <dataset> lists every unreadable file)") from None
+
     def load(self, i: int, augment: bool, seed: int | None) -> torch.Tensor:
         """One sample through the per-sample transforms; `seed` fixes its augmentation."""
-        if self.use_path:
-            try:
-                with Image.open(self.items[i]) as img:
-                    image = img.convert("RGB")
-            except (OSError, ValueError) as err:
-                raise UserError(f"cannot read image '{self.items[i]}' ({type(err).__name__}); replace or remove it "
-                                "(python -m datasets.check <dataset> lists every unreadable file)") from None
-        else:
-            image = Image.fromarray(self.items[i])
-        if seed is None or not augment:
-            return self.transforms[augment](image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
+        image = self.image(i)
+        with seeded(seed if augment else None):
             return self.transforms[augment](image)
 
     def batch(self, positions: torch.Tensor, augment: bool, device: torch.device,
@@ -126,6 +126,23 @@ class Pool:
                           .to(torch.uint8) for i in range(0, n, 1024)]
                 self._resized = torch.cat(chunks)
         return self._resized
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Inside the block torch's and Python's global RNGs (what torchvision's random transforms draw from) start
+    from `seed`; both are restored afterwards. None: the block draws from them as they are."""
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

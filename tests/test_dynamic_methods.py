@@ -1,4 +1,6 @@
-"""ACL, DynaMMo and DER: adapter shapes and sizes, the merge, the single merged pass, inference cost, checkpoints."""
+"""ACL, DynaMMo and DER: adapter shapes and sizes, the merges (known answers), the single merged pass, inference
+cost of every merge variant, checkpoints, and ACL and DynaMMo runs of one seed sharing their task adapters."""
+import glob
 import os
 
 import numpy as np
@@ -6,13 +8,18 @@ import pytest
 import torch
 
 from backbone import build_backbone
-from backbone.adapters import MERGED, Adapter, AdapterNet
-from conftest import ROOT, TINY
+from torch import nn
+
+from backbone.adapters import MERGED, Adapter, AdapterNet, merge_vectors
+from conftest import ROOT, TINY, run_stage
 from methods import build_method, method_config
+from utils import checkpoint
 from utils.config import load_config, parse_cli_overrides
 from datasets.scenario import DataManager
 from utils.flops import inference_cost
 from utils.registry import UserError
+from utils.train_loop import Engine
+from utils.types import OptimConfig
 
 
 def make_method(name, *overrides):
@@ -38,7 +45,7 @@ def add_tasks(method, n_tasks, seed=0):
                             noise = torch.rand(value.shape, generator=generator)
                             value.copy_(0.5 + noise if name.endswith("running_var") else noise - 0.5)
             if method.network.merged is not None:
-                method.network.merge()
+                method.merge(None, None)  # the configured strategy; no balanced set, so no BN re-estimation
     return method.eval()
 
 
@@ -75,6 +82,122 @@ def test_merge_is_the_mean_of_the_task_adapters():
         assert not torch.equal(adapters[0].conv.weight, adapters[1].conv.weight)
 
 
+# ---- merges: known answers on hand-made weights ----
+THETAS = torch.tensor([[1.0, 1.0, 1.0, 1.0],   # theta_0, the reference point (the first task's adapters)
+                       [1.5, 0.8, 1.0, 3.0],   # tau_1 = theta_1 - theta_0 = [0.5, -0.2, 0.0, 2.0]
+                       [0.0, 1.1, 1.4, 2.0]],  # tau_2 = [-1.0, 0.1, 0.4, 1.0]
+                      dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy, lam, keep, expected", [
+    ("mean", 1.0, 0.2, [2.5 / 3, 2.9 / 3, 3.4 / 3, 2.0]),   # (theta_0 + theta_1 + theta_2) / 3
+    ("task_arithmetic", 0.5, 0.2, [0.75, 0.95, 1.2, 2.5]),  # theta_0 + 0.5 (tau_1 + tau_2)
+    ("magmax", 0.5, 0.2, [0.5, 0.9, 1.2, 2.0]),             # theta_0 + 0.5 [-1.0, -0.2, 0.4, 2.0] (larger |tau|)
+    # keep 2 of 4 entries: tau'_1 = [0.5, 0, 0, 2], tau'_2 = [-1, 0, 0, 1]; elected signs (of the sum) [-, 0, 0, +];
+    # mean of the agreeing entries [-1, 0, 0, 1.5]
+    ("ties", 1.0, 0.5, [0.0, 1.0, 1.0, 2.5]),
+])
+def test_merge_known_answers(strategy, lam, keep, expected):
+    assert torch.allclose(merge_vectors(THETAS, strategy, lam, keep), torch.tensor(expected, dtype=torch.float64))
+    assert torch.equal(merge_vectors(THETAS[:1], strategy, lam, keep), THETAS[0])  # after the first task: theta_0
+
+
+class TwoPoints(nn.Module):
+    """A backbone with two 1-channel insertion points: each adapter has 18 + 6 + 1 = 25 parameters."""
+
+    feature_dim = 1
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body1, self.body2 = nn.Conv2d(3, 1, 1), nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        return self.body2(self.body1(self.stem(x))).mean((2, 3))
+
+
+def expected_merge(thetas, strategy, lam, keep):
+    """The merge written out entry by entry (thetas: T lists of N floats; the first is the reference)."""
+    T, N = len(thetas), len(thetas[0])
+    if strategy == "mean":
+        return [sum(th[j] for th in thetas) / T for j in range(N)]
+    taus = [[th[j] - thetas[0][j] for j in range(N)] for th in thetas[1:]]
+    if strategy == "task_arithmetic":
+        return [thetas[0][j] + lam * sum(tau[j] for tau in taus) for j in range(N)]
+    if strategy == "magmax":
+        return [thetas[0][j] + lam * max((tau[j] for tau in taus), key=abs) for j in range(N)]
+    n_keep = round(keep * N)
+    trimmed = []
+    for tau in taus:
+        threshold = sorted((abs(v) for v in tau), reverse=True)[n_keep - 1]
+        trimmed.append([v if abs(v) >= threshold else 0.0 for v in tau])
+    out = []
+    for j in range(N):
+        total = sum(tau[j] for tau in trimmed)
+        agreeing = [tau[j] for tau in trimmed if tau[j] != 0 and (tau[j] > 0) == (total > 0)] if total else []
+        out.append(thetas[0][j] + lam * (sum(agreeing) / len(agreeing) if agreeing else 0.0))
+    return out
+
+
+@pytest.mark.parametrize("strategy, lam", [("mean", 1.0), ("task_arithmetic", 0.5), ("ties", 1.0), ("magmax", 0.5)])
+@pytest.mark.parametrize("alpha", ["strategy", "newest"])
+def test_adapter_net_merges_the_whole_adapter_set_of_each_task(strategy, lam, alpha):
+    """Three tasks of hand-made adapter weights at two points: the parameters of both points are merged as one
+    vector per task (TIES trims over all of them), BN statistics are averaged, alpha follows `alpha`."""
+    net = AdapterNet(TwoPoints(), ["body1", "body2"], img_size=4, merged=True)
+    generator = torch.Generator().manual_seed(3)
+    thetas = []
+    for t in range(3):
+        net.add_task(2)
+        values = []
+        with torch.no_grad():
+            for point in (0, 1):
+                adapter = net.adapters[point][t]
+                for p in adapter.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * (point + 1))
+                    values += p.flatten().tolist()
+                adapter.bn1.running_mean.fill_(t)
+                adapter.bn2.running_var.fill_(1.0 + 2 * t)
+        thetas.append(values)
+    net.merge(strategy, lam, keep=0.3, alpha=alpha)
+    merged = [v for adapter in net.merged for p in adapter.parameters() for v in p.flatten().tolist()]
+    expected = expected_merge(thetas, strategy, lam, 0.3)
+    assert len(merged) == 50
+    for point in (0, 1):
+        if alpha == "newest":  # alpha is each adapter's first parameter (its own, before the submodules')
+            assert next(iter(net.merged[point].named_parameters()))[0] == "alpha"
+            expected[25 * point] = thetas[2][25 * point]
+        assert float(net.merged[point].bn1.running_mean[0]) == pytest.approx(1.0)   # (0 + 1 + 2) / 3
+        assert float(net.merged[point].bn2.running_var[0]) == pytest.approx(3.0)    # (1 + 3 + 5) / 3
+    assert merged == pytest.approx(expected, abs=1e-6)
+
+
+def test_adapter_init_first_copies_the_first_tasks_adapters():
+    method = add_tasks(make_method("acl", "--adapter_init", "first"), 2)
+    task = method.data.tasks[2]
+    method.task = task
+    method.before_task(task)
+    for point in method.network.adapters:
+        assert torch.equal(point[2].conv.weight, point[0].conv.weight)
+        assert not torch.equal(point[2].conv.weight, point[1].conv.weight)
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_finetune_merged_trains_the_merged_adapters_with_the_heads_in_stage_2(finetune):
+    method = add_tasks(make_method("dynammo", "--finetune_merged", str(finetune).lower()), 2)
+    task = method.task
+    merged = {k: v.clone() for k, v in method.network.merged.state_dict().items()}
+    heads, task_adapters = method.network.heads[0].weight.clone(), method.network.adapters.state_dict()
+    task_adapters = {k: v.clone() for k, v in task_adapters.items()}
+    data = method.data.dataset("train", method.data.indices("train", range(task.total))[:64])
+    run_stage(method, Engine(torch.device("cpu")), task, "heads", None, data=lambda: data,
+              optim=OptimConfig(epochs=1, lrate=0.01, batch_size=16, opt_type="adam"))
+    changed = {k for k, v in method.network.merged.state_dict().items() if not torch.equal(v, merged[k])}
+    assert not torch.equal(method.network.heads[0].weight, heads)
+    assert ("0.conv.weight" in changed) == finetune and ("0.alpha" in changed) == finetune
+    assert not any(p.requires_grad for p in method.network.merged.parameters())  # flags restored after the stage
+    assert all(torch.equal(v, task_adapters[k]) for k, v in method.network.adapters.state_dict().items())
+
+
 def test_merged_single_pass_equals_every_path_through_the_merged_adapters():
     method = add_tasks(make_method("dynammo"), 3)
     x = torch.randn(5, 3, 16, 16)
@@ -108,9 +231,24 @@ def costs(name, n_tasks):
     return [inference_cost(add_tasks(method, 1), 16, torch.device("cpu"))[0] for _ in range(n_tasks)]
 
 
-def test_gflops_flat_for_dynammo_and_linear_for_acl_and_der():
-    dynammo, acl, der = costs("dynammo", 3), costs("acl", 3), costs("dynamic_er", 3)
+#: DynaMMo variants (merge strategy, adapter init, alpha rule, fine-tuned merge): each strategy once, the other
+#: switches spread over them
+VARIANTS = [("mean", "previous", "strategy", "false"), ("task_arithmetic", "first", "newest", "true"),
+            ("ties", "first", "strategy", "true"), ("magmax", "previous", "newest", "false")]
+
+
+def variant_args(strategy, init, alpha, finetune):
+    return ["--merge_strategy", strategy, "--adapter_init", init, "--alpha_merge", alpha, "--finetune_merged", finetune]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
+def test_gflops_flat_for_every_dynammo_variant_and_linear_for_acl_and_der(variant):
+    method = make_method("dynammo", *variant_args(*variant))
+    dynammo = [inference_cost(add_tasks(method, 1), 16, torch.device("cpu"))[0] for _ in range(3)]
     assert max(dynammo) == pytest.approx(min(dynammo), rel=1e-3)
+    if variant[0] != "mean":
+        return
+    acl, der = costs("acl", 3), costs("dynamic_er", 3)
     assert acl[0] == pytest.approx(dynammo[0], rel=1e-3)
     steps = np.diff([0.0, *acl])  # stem + one path, then one path per task
     assert steps[1] > 0.8 * acl[0] and steps[2] == pytest.approx(steps[1], rel=1e-3)
@@ -137,14 +275,31 @@ def test_checkpoint_restores_every_adapter_head_and_branch(name):
     assert {c: v.tolist() for c, v in restored.memory.exemplars.items()} == {0: [0, 1, 2], 1: [5, 6, 7, 8]}
 
 
-def test_dynammo_run_reports_task_id_openset_and_flat_gflops(run_main):
-    results, _ = run_main("--config", os.path.join(ROOT, "options", "dynammo", "digits.yaml"), *TINY,
-                          "--epochs_finetune", "2", "--recalibrate_bn", "true", "--openset_test", "true")
-    tasks = results["runs"][0]["tasks"]
-    assert [0.0 <= t["task_id_acc"] <= 100.0 for t in tasks] == [True, True]
+def test_acl_and_dynammo_of_one_seed_share_their_task_adapters(tmp_path):
+    """Merging changes only what inference and stage 2 see: stage 1 of every task, the memory and the global RNG
+    stream are the same for ACL and DynaMMo of one seed, so every task adapter is identical (three tasks: the BN
+    re-estimation after task 1's merge used to shift the RNG and make task 2's adapters differ)."""
+    import main
+
+    args = ["--device", "cpu", "--seed", "1", "--epochs", "1", "--init_epochs", "1", "--init_cls", "4",
+            "--increment", "3", "--img_size", "8", "--epochs_finetune", "1", "--openset_test", "true"]
+    states, results = {}, {}
+    for name, extra in (("acl", []), ("dynammo", ["--recalibrate_bn", "true", "--merge_strategy", "ties",
+                                                    "--finetune_merged", "true"])):
+        root = tmp_path / name
+        results[name] = main.main(["--config", os.path.join(ROOT, "options", name, "digits.yaml"), *args, *extra,
+                                   "--log_root", str(root)])
+        states[name] = checkpoint.load(glob.glob(str(root / "**" / "seed1_latest.pt"), recursive=True)[0])["method"]
+    adapters = [k for k in states["acl"] if k.startswith("network.adapters.")]
+    assert len(adapters) == 3 * 3 * 15  # 3 points x 3 tasks x (9 parameters + 2 x 3 BN buffers)
+    for k in adapters:
+        assert torch.equal(states["acl"][k], states["dynammo"][k]), k
+    assert not torch.equal(states["acl"]["network.heads.0.weight"], states["dynammo"]["network.heads.0.weight"])
+    tasks = results["dynammo"]["runs"][0]["tasks"]
+    assert [0.0 <= t["task_id_acc"] <= 100.0 for t in tasks] == [True] * 3
     assert tasks[0]["task_id_acc"] == 100.0  # one head: every sample is routed to task 0
-    assert 0.0 <= tasks[0]["openset"]["auroc"] <= 100.0 and tasks[1]["openset"] is None
-    assert tasks[1]["gflops"] == pytest.approx(tasks[0]["gflops"], rel=1e-3)
+    assert 0.0 <= tasks[0]["openset"]["auroc"] <= 100.0 and tasks[2]["openset"] is None
+    assert tasks[2]["gflops"] == pytest.approx(tasks[0]["gflops"], rel=1e-3)
 
 
 def test_acl_without_memory_is_a_user_error():

@@ -49,9 +49,10 @@ def _recording_builder(build, record):
             return call
 
         def recorded_step(key, step):
-            def call(x, y, *rest):
-                record.setdefault(key, set()).update(y.tolist())
-                return within(key, step)(x, y, *rest)
+            def call(*batch):  # (x, y[, positions]), or (view 1, view 2, y) for contrastive pretraining
+                labels = next(t for t in batch[1:] if t.dim() == 1)
+                record.setdefault(key, set()).update(labels.tolist())
+                return within(key, step)(*batch)
             return call
 
         stages = method.stages

@@ -43,6 +43,7 @@ def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, r
     `built`: the seed's (data, method, engine) when `build` already made them; `restored`: what `restore` returned
     when the method was already restored from `resume`."""
     data, method, engine = built or build(cfg, seed, device)
+    method.run_dir = run_dir  # where a method may write files of its own (contrastive_pretrain: the backbone)
     cost = InferenceCost()
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     first, position = 0, None

@@ -121,3 +121,29 @@ def orthogonality_penalty(m: torch.Tensor) -> torch.Tensor:
     orthonormal (CODA-Prompt)."""
     eye = torch.eye(m.shape[-2], device=m.device, dtype=m.dtype)
     return (m @ m.mT - eye).square().mean(dim=(-2, -1))
+
+
+# ---- self-supervised pretraining ----
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float) -> torch.Tensor:
+    """MoCo's InfoNCE (van den Oord et al. 2018; He et al. 2020, eq. 1) for L2-normalised queries q (B, D), their
+    positive keys k (B, D) and negative keys n_j (the queue, (K, D)), all compared by dot product:
+
+        loss = mean_i −log( exp(q_i·k_i / T) / (exp(q_i·k_i / T) + Σ_j exp(q_i·n_j / T)) )
+
+    i.e. cross-entropy with the positive as class 0 among 1 + K logits. k and the negatives get no gradient."""
+    q, k, negatives = q.float(), k.float().detach(), negatives.float().detach()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], 1) / T
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """SimSiam's symmetrised negative cosine similarity with stop-gradient (Chen & He 2021, eq. 1-2): for the
+    predictions p and projections z of two views,
+
+        loss = ½ D(p1, sg(z2)) + ½ D(p2, sg(z1)),   D(p, z) = −mean_i cos(p_i, z_i)
+
+    where sg stops the gradient (z is treated as a constant). Its minimum is −1."""
+    def d(p, z):
+        return -F.cosine_similarity(p.float(), z.float().detach(), dim=1).mean()
+
+    return 0.5 * d(p1, z2) + 0.5 * d(p2, z1)

@@ -27,7 +27,8 @@ Deviations from the paper / the original code:
   insensitive to it anyway). Stage 2: Adam, `lrate_finetune`, no weight decay, MultiStepLR at
   `milestones_finetune` with factor `lrate_decay`, `epochs_finetune` epochs, as in the original.
 - New adapters are copied from the previous task's without the original's dummy forward in train mode (which
-  pulled their BN statistics towards noise).
+  pulled their BN statistics towards noise). `adapter_init: first` copies the first task's instead (ACMap,
+  Fukuda et al., arXiv 2412.18219; for DynaMMo's merges).
 - Without pretrained weights (`pretrained: false`, `freeze_fe: false`) the backbone trains with the first
   task's adapters and is frozen from the second task on; the original always froze it.
 - Stage 1 of the first task uses the `init_*` optimiser keys when they are set (the original ignored them).
@@ -58,6 +59,8 @@ class ACLConfig(BalancedStageConfig):
     epochs_finetune: int = 50
     lrate_finetune: float = 0.001
     milestones_finetune: list[int] = key([15, 35])
+    adapter_init: str = key("previous", "a new task's adapters start as a copy of the previous task's (the "
+                                        "original) or of the first task's (ACMap)", ("previous", "first"))
 
 
 @register_method("acl", config=ACLConfig)
@@ -75,7 +78,7 @@ class ACL(Method):
 
     def before_task(self, task):
         self.network.requires_grad_(False)
-        self.network.add_task(task.total - task.known)  # the new adapters and head are trainable
+        self.network.add_task(task.total - task.known, self.cfg.adapter_init)  # new adapters and head train
         if task.is_first and not (self.cfg.pretrained or self.cfg.freeze_fe):
             self.network.backbone.requires_grad_(True)
 
@@ -91,7 +94,7 @@ class ACL(Method):
             epochs=self.cfg.epochs_finetune, lrate=self.cfg.lrate_finetune, opt_type="adam", weight_decay=0.0,
             scheduler="multi_step", milestones=tuple(self.cfg.milestones_finetune))
         return [*stages, Stage("heads", lambda: self.data.dataset("train", balanced()), opt, self.heads_step,
-                               trains=lambda: [self.network.heads])]
+                               trains=self.heads_stage_trains)]
 
     def consolidation(self, balanced, engine) -> list:
         """Actions between the adapter and the head stage: none for ACL (DynaMMo merges the adapters here)."""
@@ -101,15 +104,24 @@ class ACL(Method):
         """The adapter paths inference runs: one per task."""
         return list(range(self.network.n_tasks))
 
+    def heads_stage_trains(self) -> list:
+        """What learns in stage 2: every task head."""
+        return [self.network.heads]
+
+    def heads_stage_features(self, x):
+        """The features stage 2 trains the heads on: every path, the adapters frozen."""
+        with torch.no_grad():
+            return self.network(x, self.paths())
+
     def training_step(self, x, y):
         """Stage 1: the new task's adapters and head, memory samples labelled "others"."""
         features = self.network(x, [self.task.index])[0]
         return {"ce": others_cross_entropy(self.network.heads[-1](features), y, self.task.known, self.task.total)}
 
     def heads_step(self, x, y):
-        """Stage 2: every task head on the class-balanced set, the adapters frozen."""
-        with torch.no_grad():
-            features = self.network(x, self.paths())
+        """Stage 2: every task head on the class-balanced set (the adapters frozen, except DynaMMo's merged ones
+        with finetune_merged)."""
+        features = self.heads_stage_features(x)
         losses = [others_cross_entropy(z, y, t.known, t.total) for z, t in zip(self.head_logits(features),
                                                                                   self.data.tasks)]
         return {"heads_ce": torch.stack(losses).mean()}

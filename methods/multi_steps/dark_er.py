@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from methods import register_method
 from methods.base import Method
+from utils import distributed
 from utils.config import key
 from utils.losses import bounded_ce
 from utils.memory import ReservoirBuffer
@@ -66,7 +67,8 @@ class DarkER(Method):
             if self.cfg.beta > 0:
                 bx, by, _ = self._buffer_batch()
                 losses["buffer_ce"] = self.cfg.beta * self._ce(self.network(bx)["logits"], by)
-        self.memory.add(position, logits.detach())
+        # every rank adds the whole global batch, so the buffers of a distributed run stay identical
+        self.memory.add(distributed.gather_cat(position), distributed.gather_cat(logits.detach()))
         return losses
 
     def after_task(self, task, engine):

@@ -14,10 +14,26 @@ where ACL pays for T adapted paths. The per-task adapters stay stored: the next 
 (un-merged) adapters and the merge is recomputed over all of them.
 
 Choices where the paper is silent, and deviations:
-- Merge weights are uniform; every parameter is averaged, alpha included. BN running statistics are averaged
-  too (the original's evident intent), or, with `recalibrate_bn: true`, re-estimated as the plain average over
-  the batches of the un-augmented balanced set passed through the merged path in train mode (from the second
-  task on; after the first task the merge is the task's own adapter set).
+- Merge weights are uniform; every parameter is averaged, alpha included (`merge_strategy: mean`, the default).
+  BN running statistics are averaged too (the original's evident intent), or, with `recalibrate_bn: true`,
+  re-estimated as the plain average over the batches of the un-augmented balanced set passed through the merged
+  path in train mode (from the second task on; after the first task the merge is the task's own adapter set).
+
+Beyond the paper (all keep the single merged pass at test time; formulas in backbone/adapters.py):
+- `merge_strategy`: `mean` (the paper's), `task_arithmetic` (Ilharco et al., ICLR 2023), `ties` (trim, elect
+  sign, disjoint mean; Yadav et al., NeurIPS 2023) or `magmax` (per entry the task vector of largest magnitude;
+  Marczak et al., ECCV 2024). The task vectors are each task's whole adapter set minus the first task's, the
+  stored reference point (why not the initialisation: see backbone/adapters.py). `merge_lambda` scales the merged
+  task vector; unset, it is TIES's recommended 1.0, MagMax's 0.5 (its authors' scripts) and 0.5 for task
+  arithmetic (whose paper picks it on validation data, which a continual learner does not have); `ties_keep` is
+  TIES's k (the share of each task vector kept, 0.2 as in the paper).
+- `alpha_merge`: the adapters' output scale alpha is a single number per adapter whose sign the tasks choose
+  freely (-0.92 and +0.06 at the same point on digits), so averaging it can cancel every task's correction.
+  `strategy` merges it like every other parameter (the paper's mean), `newest` takes the newest task's.
+- `adapter_init: first` (ACL's key): every task starts from the first task's adapters instead of the previous
+  task's, so that all task vectors share one starting point (ACMap, Fukuda et al., CVPR 2025, arXiv 2412.18219).
+- `finetune_merged: true`: stage 2 trains the merged adapters together with the heads (same optimiser and
+  learning rate), on the balanced set; the next task's merge starts again from the task adapters.
 - The merge is an `Action` between the adapter stage and the head stage, because stage 2 must train the heads
   on the merged features; the merged adapters are parameters of the network, so a run resumed in stage 2 loads
   them from the checkpoint instead of merging again.
@@ -28,37 +44,67 @@ Choices where the paper is silent, and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from backbone.adapters import MERGED, bn_recalibration
+import torch
+
+from backbone.adapters import MERGE_STRATEGIES, MERGED, bn_recalibration
 from methods import register_method
 from methods.multi_steps.acl import ACL, ACLConfig
 from utils.config import key
+from utils.registry import UserError
 from utils.types import Action
+
+#: lambda of each strategy when merge_lambda is not set (see the module docstring)
+DEFAULT_LAMBDA = {"mean": 1.0, "task_arithmetic": 0.5, "ties": 1.0, "magmax": 0.5}
 
 
 @dataclass
 class DynaMMoConfig(ACLConfig):
     recalibrate_bn: bool = key(False, "re-estimate the merged adapters' BN statistics on the balanced set "
                                       "instead of averaging the task adapters' statistics")
+    merge_strategy: str = key("mean", "how the task adapters are merged (mean: the paper's)", MERGE_STRATEGIES)
+    merge_lambda: Optional[float] = key(None, "scale of the merged task vector (task_arithmetic, ties, magmax; "
+                                              "default: task_arithmetic 0.5, ties 1.0, magmax 0.5)")
+    ties_keep: float = key(0.2, "ties: share of each task vector's entries kept after trimming (TIES's k)")
+    alpha_merge: str = key("strategy", "each adapter's scale alpha: merged like every other parameter, or the "
+                                       "newest task's", ("strategy", "newest"))
+    finetune_merged: bool = key(False, "stage 2 trains the merged adapters together with the heads")
 
 
 @register_method("dynammo", config=DynaMMoConfig)
 class DynaMMo(ACL):
     merge_adapters = True
 
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        if not 0.0 < cfg.ties_keep <= 1.0:
+            raise UserError(f"ties_keep must lie in (0, 1], got {cfg.ties_keep}")
+
     def consolidation(self, balanced, engine):
         return [Action("merge", lambda: self.merge(balanced(), engine))]
 
     def merge(self, balanced, engine) -> None:
-        """Average the task adapters into the merged set (and re-estimate its BN statistics on the balanced set)."""
-        self.network.merge()
-        if self.cfg.recalibrate_bn and balanced is not None:
+        """Merge the task adapters into the merged set (and re-estimate its BN statistics on the balanced set)."""
+        cfg = self.cfg
+        lam = DEFAULT_LAMBDA[cfg.merge_strategy] if cfg.merge_lambda is None else cfg.merge_lambda
+        self.network.merge(cfg.merge_strategy, lam, cfg.ties_keep, cfg.alpha_merge)
+        if cfg.recalibrate_bn and balanced is not None:
             with bn_recalibration(self.network.merged):
-                engine.infer(self._calibration_pass, self.data.dataset("train", balanced, augment=False), self.network)
+                engine.infer(self._calibration_pass, self.data.dataset("train", balanced, augment=False), self.network,
+                             whole=True)  # every rank re-estimates the same statistics
 
     def paths(self):
         """One pass through the merged adapters, whatever the number of tasks."""
         return [MERGED]
+
+    def heads_stage_trains(self):
+        return [self.network.heads, self.network.merged] if self.cfg.finetune_merged else [self.network.heads]
+
+    def heads_stage_features(self, x):
+        if self.cfg.finetune_merged:
+            return self.network(x, [MERGED])
+        return super().heads_stage_features(x)
 
     def _calibration_pass(self, x):
         self.network.merged.train()  # batch statistics feed the running averages

@@ -1,0 +1,238 @@
+"""ACL against DynaMMo's merge variants on digits, on two backbones, and the table that says when merging works.
+
+Rows: ACL (one adapted path per task) and DynaMMo (one merged path) with every `merge_strategy` (mean is the
+paper's), each with and without `finetune_merged`, plus the `adapter_init: first` variants of the merges that
+assume a shared starting point. Backbones:
+- "task-0-trained": `options/<method>/digits.yaml`, the resnet32 learns with the first task's adapters (two
+  classes) and is frozen after;
+- "self-supervised": `options/<method>/digits_pretrained.yaml`, a resnet32 pretrained by SimSiam on the digits'
+  training images without labels (`options/simsiam/digits.yaml`, run first when its file is missing) and frozen.
+Every run is `python main.py --config ... --seed S` in a subprocess with OMP_NUM_THREADS=1; ACL and DynaMMo of a
+seed share the class order, the memory and (the test suite checks it) every task adapter, so the comparison is
+paired. Writes into the output folder (default benchmarks/out/, git-ignored): `logs/` (the runs),
+`dynammo_merging.csv` (a row per run), `dynammo_merging.md` (mean ± std over seeds of last accuracy, average
+incremental accuracy, task-id accuracy, inference GFLOPs and parameters after the last task, and the issue's
+checks) and `dynammo_merging.png` (last accuracy against GFLOPs).
+
+    python benchmarks/dynammo_merging.py [--out benchmarks/out] [--seeds 1 2 3] [--jobs 1] [--reuse]
+                                         [--backbones task0 ssl] [--variants acl "dynammo mean" ...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAINED = os.path.join("pretrained", "simsiam_digits_resnet32.pth")  # what digits_pretrained.yaml read
+BACKBONES = {"task0": ("task-0-trained", "digits.yaml"), "ssl": ("self-supervised", "digits_pretrained.yaml")}
+
+
+def variants() -> list[tuple[str, str, list[str]]]:
+    """(label, method, overrides) of every row."""
+    rows = [("acl", "acl", [])]
+    for strategy in ("mean", "task_arithmetic", "ties", "magmax"):
+        for finetune in (False, True):
+            rows.append((f"dynammo {strategy}" + (" + finetune" if finetune else ""), "dynammo",
+                         ["--merge_strategy", strategy, "--finetune_merged", str(finetune).lower()]))
+    for strategy in ("mean", "ties"):
+        rows.append((f"dynammo {strategy}, init first", "dynammo",
+                     ["--merge_strategy", strategy, "--adapter_init", "first"]))
+    return rows
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+def results_of(folder: str) -> dict | None:
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if results.get("summary") else None
+
+
+def run_one(backbone: str, label: str, method: str, overrides: list[str], seed: str, log_root: str,
+            reuse: bool) -> dict:
+    """One seed of one row; returns its metrics (or the error)."""
+    config = os.path.join("options", method, BACKBONES[backbone][1])
+    note = f"{backbone}_{slug(label)}_seed{seed}"
+    cmd = [sys.executable, "main.py", "--config", config, "--seed", seed, "--device", "cpu", "--log_root", log_root,
+           "--note", note, "--save_models", "false", *overrides]
+    row = {"backbone": BACKBONES[backbone][0], "variant": label, "seed": int(seed),
+           "command": " ".join(["python", "main.py", "--config", config, "--seed", seed, *overrides]),
+           "all_seeds": " ".join(["python", "main.py", "--config", config, "--seed", "{seeds}", *overrides])}
+    folder = os.path.join(log_root, method, "digits", "resnet32_b2i2", note)
+    results = results_of(folder) if reuse else None
+    if results is None:
+        if os.path.isdir(folder):  # an unfinished or an old run of this name: start afresh
+            import shutil
+
+            shutil.rmtree(folder)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        results = results_of(folder)
+        if proc.returncode != 0 or results is None:
+            return {**row, "error": (proc.stderr.strip().splitlines() or ["no results.json"])[-1]}
+    run = results["runs"][0]
+    last = run["tasks"][-1]
+    print(f"{row['backbone']:>16} | {label:<32} seed {seed}: last {run['last_acc']:.2f}", flush=True)
+    return {**row, "last_acc": run["last_acc"], "avg_incremental_acc": run["avg_incremental_acc"],
+            "task_id_acc": last.get("task_id_acc"), "gflops": last["gflops"], "params": last["params"]}
+
+
+def ensure_pretrained() -> None:
+    """The self-supervised backbone: run the README's pretraining command when its file is missing."""
+    if os.path.isfile(os.path.join(ROOT, PRETRAINED)):
+        return
+    print(f"{PRETRAINED} is missing: python main.py --config options/simsiam/digits.yaml", flush=True)
+    subprocess.run([sys.executable, "main.py", "--config", "options/simsiam/digits.yaml", "--device", "cpu",
+                    "--log_root", os.path.join("logs", "pretrain")], cwd=ROOT, check=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def mean_std(values: list) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    return (float(np.mean(values)), float(np.std(values))) if values else None
+
+
+def fmt(stat, digits: int = 2) -> str:
+    return "-" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (backbone, variant), in the order the runs came."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["backbone"], r["variant"]), []).append(r)
+    table = []
+    for (backbone, variant), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        table.append({"backbone": backbone, "variant": variant, "seeds": len(ok),
+                      "errors": [r["error"] for r in rs if "error" in r],
+                      **{k: mean_std([r[k] for r in ok]) for k in
+                         ("last_acc", "avg_incremental_acc", "task_id_acc", "gflops", "params")}})
+    return table
+
+
+def checks(table: list[dict]) -> list[str]:
+    """The issue's done-means, evaluated on the table."""
+    lines = []
+    for backbone, merged_margin, best_margin in (("self-supervised", 3.0, 1.0), ("task-0-trained", None, 3.0)):
+        rows = {r["variant"]: r for r in table if r["backbone"] == backbone and r["last_acc"]}
+        if "acl" not in rows:
+            continue
+        acl = rows["acl"]["last_acc"][0]
+        dyn = {v: r["last_acc"][0] for v, r in rows.items() if v.startswith("dynammo")}
+        if not dyn:
+            continue
+        best = max(dyn, key=dyn.get)
+        if merged_margin is not None and "dynammo mean" in dyn:
+            gap = acl - dyn["dynammo mean"]
+            lines.append(f"- {backbone}: DynaMMo's mean merge {dyn['dynammo mean']:.2f} vs ACL {acl:.2f} "
+                         f"(gap {gap:.2f}; within {merged_margin:g}: {'yes' if gap <= merged_margin else 'no'})")
+        lines.append(f"- {backbone}: best one-pass variant '{best}' {dyn[best]:.2f} vs ACL {acl:.2f} "
+                     f"(at or above ACL - {best_margin:g}: {'yes' if dyn[best] >= acl - best_margin else 'no'})")
+    return lines
+
+
+def write_outputs(out: str, runs: list[dict], seeds: list[str]) -> str:
+    fields = ["backbone", "variant", "seed", "last_acc", "avg_incremental_acc", "task_id_acc", "gflops", "params",
+              "command", "error"]
+    with open(os.path.join(out, "dynammo_merging.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in runs:
+            writer.writerow({k: r.get(k) for k in fields})
+    table = summarise(runs)
+    lines = ["# DynaMMo's merges against ACL on digits", "",
+             f"Generated by `python benchmarks/dynammo_merging.py --seeds {' '.join(seeds)}` ({time.strftime('%Y-%m-%d')}, "
+             "CPU, one thread per run). scikit-learn digits, 5 tasks of 2 classes, class order shuffled by each "
+             "seed, 200-sample herding memory, resnet32 at 8 px. Mean ± std over seeds; accuracies in %; "
+             "\"last\" is the accuracy on all classes after the last task, \"task id\" the share of test samples "
+             "routed to their own task's head after it; GFLOPs (fvcore multiply-adds per image) and params are "
+             "those of the test-time forward after the last task. Backbones: task-0-trained "
+             "(`options/<method>/digits.yaml`: learnt with the first task's adapters, then frozen) and "
+             "self-supervised (`options/<method>/digits_pretrained.yaml`: SimSiam on the training images without "
+             "labels, `options/simsiam/digits.yaml`, frozen).", "",
+             "| backbone | variant | last acc | avg incremental acc | task-id acc | GFLOPs | params (M) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        if r["last_acc"] is None:
+            lines.append(f"| {r['backbone']} | {r['variant']} | failed: {'; '.join(r['errors'])} | | | | |")
+            continue
+        params = None if r["params"] is None else (r["params"][0] / 1e6, r["params"][1] / 1e6)
+        lines.append(f"| {r['backbone']} | {r['variant']} | {fmt(r['last_acc'])} | {fmt(r['avg_incremental_acc'])} | "
+                     f"{fmt(r['task_id_acc'])} | {r['gflops'][0]:.4f} | {params[0]:.3f} |")
+    lines += ["", "Checks (issue 12):", "", *checks(table), "", "Commands (each seed is run on its own):", ""]
+    for r in {r["all_seeds"]: r for r in runs}.values():
+        lines.append(f"- {r['backbone']}, {r['variant']}: `{r['all_seeds'].format(seeds=' '.join(seeds))}`")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "dynammo_merging.md"), "w") as f:
+        f.write(text)
+    plot(table, os.path.join(out, "dynammo_merging.png"))
+    return text
+
+
+def plot(table: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, backbone in zip(axes, [b for b, _ in BACKBONES.values()]):
+        rows = [r for r in table if r["backbone"] == backbone and r["last_acc"]]
+        for r in rows:
+            marker = "s" if r["variant"] == "acl" else ("o" if "finetune" in r["variant"] else "^")
+            ax.errorbar(r["gflops"][0], r["last_acc"][0], yerr=r["last_acc"][1], fmt=marker, capsize=3,
+                        label=r["variant"])
+        ax.set_xscale("log")
+        ax.set_xlabel("inference GFLOPs per image after the last task (log scale)")
+        ax.set_title(f"{backbone} backbone")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("last accuracy (%)")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.subplots_adjust(right=0.78)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"), help="output folder")
+    parser.add_argument("--seeds", nargs="+", default=["1", "2", "3"])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each on one CPU thread)")
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--variants", nargs="+", help="only these rows (labels as in the table)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs found in the output folder")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    rows = [v for v in variants() if not args.variants or v[0] in args.variants]
+    if not rows:
+        parser.error(f"no variant matches {args.variants}; labels: {', '.join(v[0] for v in variants())}")
+    if "ssl" in args.backbones:
+        ensure_pretrained()
+    todo = [(b, *row, seed) for b in args.backbones for row in rows for seed in args.seeds]
+    log_root = os.path.join(out, "logs")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda t: run_one(*t, log_root, args.reuse), todo))
+    text = write_outputs(out, runs, args.seeds)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
