@@ -41,7 +41,7 @@ def train(out: str, sync_bn: bool) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(40, 3, 6, 6, generator=generator),
                                           torch.randint(0, 3, (40,), generator=generator))
     method = Method()
-    engine = Engine(torch.device("cpu"), channels_last=False, seed=3, sync_bn=sync_bn)
+    engine = Engine(torch.device("cpu"), channels_last=True, seed=3, sync_bn=sync_bn)
     stage = Stage("train", lambda: data, OptimConfig(epochs=2, lrate=0.1, batch_size=8, opt_mom=0.9), method.step)
     losses = engine.fit(method, Task(0, 0, 3, 1), stage)
     features, y = engine.infer(lambda x: method.network(x), data, method, batch_size=6)

@@ -1,0 +1,75 @@
+"""Training throughput of data-parallel runs: images per second of `main.py` with 1 process and with N processes
+(torchrun, gloo on CPU; each process on one thread), the same global batch and the same run otherwise.
+
+Throughput = training images seen (the task's samples x epochs, summed over tasks) / the training time the
+run records per task (results.json `train_time_s`, which excludes evaluation, exemplar selection and start-up).
+Runs one after the other, so they do not compete for cores; reports the ratio to the 1-process run.
+
+    python benchmarks/ddp_scaling.py [--procs 1 2] [--method finetune_il] [--img_size 16] [--epochs 2]
+                                     [--device cpu]   (--device 0 adds nothing but the GPU path of one process)
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(procs: int, args, root: str) -> dict:
+    config = os.path.join(ROOT, "options", args.method, "digits.yaml")
+    argv = ["--config", config, "--device", args.device, "--seed", "1", "--epochs", str(args.epochs),
+            "--init_epochs", str(args.epochs), "--img_size", str(args.img_size), "--batch_size",
+            str(args.batch_size), "--sync_bn", "true", "--save_models", "false", "--log_root", root, "--note",
+            f"p{procs}"]
+    main = os.path.join(ROOT, "main.py")
+    cmd = [sys.executable, main, *argv] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), main, *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    (path,) = glob.glob(os.path.join(root, args.method, "digits", "*", f"p{procs}", "results.json"))
+    with open(path) as f:
+        results = json.load(f)
+    tasks = results["runs"][0]["tasks"]
+    seconds = sum(t["train_time_s"] for t in tasks)
+    return {"procs": procs, "seconds": seconds, "last_acc": results["runs"][0]["last_acc"], "tasks": len(tasks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--method", default="finetune_il")
+    parser.add_argument("--img_size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=64, help="the global batch")
+    parser.add_argument("--threads", type=int, default=1, help="threads per process")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from datasets.scenario import DataManager
+    from methods import method_config
+    from utils.config import load_config, parse_cli_overrides
+
+    cfg = load_config(os.path.join(ROOT, "options", args.method, "digits.yaml"),
+                      parse_cli_overrides(["--device", "cpu"]), method_config)
+    data = DataManager(cfg, seed=1)
+    images = sum(len(data.indices("train", t.classes)) for t in data.tasks) * args.epochs  # new data; replay adds
+    with tempfile.TemporaryDirectory() as root:
+        rows = [run(p, args, root) for p in args.procs]
+    base = rows[0]["seconds"]
+    print(f"{args.method} on digits, {args.img_size} px, {args.epochs} epochs per task, global batch "
+          f"{args.batch_size}, {args.threads} thread(s) per process, device {args.device}")
+    print("| processes | train s | images/s (new data) | ratio to 1 | last acc |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['procs']} | {r['seconds']:.1f} | {images / r['seconds']:.0f} | {base / r['seconds']:.2f} | "
+              f"{r['last_acc']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
