@@ -193,6 +193,22 @@ def plot(done: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def merging(args) -> list[str]:
+    """The section of benchmarks/dynammo_merging.py's table (as it wrote it), its PNG copied beside --out."""
+    if not args.merging:
+        return []
+    import shutil
+
+    with open(args.merging) as f:
+        text = f.read().strip().split("\n", 1)[1]  # without its own title
+    png = os.path.splitext(args.merging)[0] + ".png"
+    lines = ["", "## DynaMMo's merge strategies against ACL", "", text]
+    if os.path.isfile(png):
+        shutil.copy(png, os.path.join(os.path.dirname(os.path.abspath(args.out)), os.path.basename(png)))
+        lines += ["", f"![last accuracy against inference GFLOPs]({os.path.basename(png)})"]
+    return lines
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", help="only these methods (default: every method with a digits.yaml, "
@@ -201,6 +217,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--log_root", default=os.path.join(ROOT, "logs", "compare"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs found under --log_root")
+    parser.add_argument("--merging", help="the dynammo_merging.md that benchmarks/dynammo_merging.py wrote, to "
+                                          "include (with its PNG, copied beside --out)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     done = [run_row(r, args.seeds, args.log_root, args.reuse) for r in rows(args.methods)]  # one run at a time
@@ -221,7 +239,7 @@ def main(argv=None) -> list[dict]:
              "Budget: " + BUDGET_TEXT["vit"].format(**VIT_BUDGET), "",
              *table([r for r in done if r["table"] == "vit"]), "",
              f"![last accuracy against inference GFLOPs]({os.path.basename(png)})", "",
-             "Commands (one row each):", "", *[f"- {r['label']}: `{r['cmd']}`" for r in done]]
+             "Commands (one row each):", "", *[f"- {r['label']}: `{r['cmd']}`" for r in done], *merging(args)]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

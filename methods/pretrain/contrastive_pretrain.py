@@ -51,6 +51,8 @@ Deviations, and what is scaled for small images:
 - SimSiam keeps the predictor's learning rate fixed; the shared loop has one schedule for all parameters, so
   the predictor's decays too (the paper reports a small gain from fixing it, 68.1 against 67.7).
 - K need not be a multiple of the batch size (the queue wraps around); the original required it.
+- In a distributed run each rank enqueues its own share of the keys (no gather across ranks, unlike MoCo's
+  multi-GPU code), so every rank's negatives are its own recent keys.
 - After training, the BN statistics are re-estimated on clean images (step 1 above; `recalibrate_bn: false` keeps
   the running averages of training, which were taken on augmented views).
 """
