@@ -22,6 +22,8 @@ import pytest
 
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.slow  # python -m pytest -q -m slow (about 3 minutes on 2 cores)
+
 WORKER = os.path.join(ROOT, "tests", "_ddp_main.py")
 METHODS = ["finetune_il", "icarl", "dark_er", "gem", "dynammo"]
 # small and fast: 2 tasks of 5 classes at 8 px, one epoch each, a small memory; the same for both runs
