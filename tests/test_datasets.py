@@ -277,8 +277,9 @@ def test_shipped_configs_name_registered_datasets(method):
         with open(path) as f:
             config = yaml.safe_load(f)
         dataset = config["basic"]["dataset"]
-        assert dataset in DATASETS and os.path.basename(path) == f"{dataset}.yaml", path
+        name = os.path.basename(path)[:-5]  # <dataset>.yaml, or <dataset>_<variant>.yaml (digits_pretrained)
+        assert dataset in DATASETS and (name == dataset or name.startswith(dataset + "_")), path
         assert set(config["options"]) == {dataset}, path
-    names = {os.path.basename(p)[:-5] for p in paths}
+    names = {os.path.basename(p)[:-5].split("_pretrained")[0] for p in paths}
     assert {"cifar100", "skin8", "skin40", "path16", "mymedmnist", "imagenet_r", "cifar10", "imagenet100",
             "imagenet1000", "cub200"} <= names

@@ -130,9 +130,13 @@ class ACL(Method):
         self.memory.update(task.classes, task.total, self.data, self.newest_features(engine))
 
     def predict(self, x):
-        probs = [F.softmax(z.float(), dim=1) for z in self.head_logits(self.network(x, self.paths()))]
-        scores = [(1 - p[:, -1:]) * p[:, :-1] / p[:, :-1].max(1, keepdim=True).values for p in probs]
-        return {"cnn": torch.cat(scores, 1), "task_id": torch.stack([p[:, -1] for p in probs], 1).argmin(1)}
+        logits = [z.float() for z in self.head_logits(self.network(x, self.paths()))]
+        others = torch.stack([F.softmax(z, dim=1)[:, -1] for z in logits], 1)
+        # (1 - u_i) * p_c / max_c p_c with p_c / max p = exp(z_c - max z): no 0 / 0 when every class probability
+        # underflows next to a certain "others"
+        scores = [(1 - u[:, None]) * torch.exp(z[:, :-1] - z[:, :-1].max(1, keepdim=True).values)
+                  for z, u in zip(logits, others.unbind(1))]
+        return {"cnn": torch.cat(scores, 1), "task_id": others.argmin(1)}
 
     def openset_confidence(self, scores):
         """1 - min_i u_i, the lowest "others" probability over the heads (the maximum of the scores)."""

@@ -52,7 +52,6 @@ from backbone.adapters import MERGE_STRATEGIES, MERGED, bn_recalibration
 from methods import register_method
 from methods.multi_steps.acl import ACL, ACLConfig
 from utils.config import key
-from utils.registry import UserError
 from utils.types import Action
 
 #: lambda of each strategy when merge_lambda is not set (see the module docstring)
@@ -65,8 +64,10 @@ class DynaMMoConfig(ACLConfig):
                                       "instead of averaging the task adapters' statistics")
     merge_strategy: str = key("mean", "how the task adapters are merged (mean: the paper's)", MERGE_STRATEGIES)
     merge_lambda: Optional[float] = key(None, "scale of the merged task vector (task_arithmetic, ties, magmax; "
-                                              "default: task_arithmetic 0.5, ties 1.0, magmax 0.5)")
-    ties_keep: float = key(0.2, "ties: share of each task vector's entries kept after trimming (TIES's k)")
+                                              "default: task_arithmetic 0.5, ties 1.0, magmax 0.5)",
+                                        range="[0, inf)")
+    ties_keep: float = key(0.2, "ties: share of each task vector's entries kept after trimming (TIES's k)",
+                           range="(0, 1]")
     alpha_merge: str = key("strategy", "each adapter's scale alpha: merged like every other parameter, or the "
                                        "newest task's", ("strategy", "newest"))
     finetune_merged: bool = key(False, "stage 2 trains the merged adapters together with the heads")
@@ -75,11 +76,6 @@ class DynaMMoConfig(ACLConfig):
 @register_method("dynammo", config=DynaMMoConfig)
 class DynaMMo(ACL):
     merge_adapters = True
-
-    def __init__(self, cfg, data):
-        super().__init__(cfg, data)
-        if not 0.0 < cfg.ties_keep <= 1.0:
-            raise UserError(f"ties_keep must lie in (0, 1], got {cfg.ties_keep}")
 
     def consolidation(self, balanced, engine):
         return [Action("merge", lambda: self.merge(balanced(), engine))]

@@ -87,20 +87,26 @@ log = logging.getLogger("cl")
 @dataclass
 class ContrastivePretrainConfig:
     mode: str = key("moco_v2", "self-supervised objective", ("moco_v2", "simsiam"))
-    m: float = key(0.999, "MoCo: momentum of the key encoder")
-    T: float = key(0.2, "MoCo: temperature of InfoNCE")
-    K: int = key(65536, "MoCo: keys in the queue (negatives)")
+    m: float = key(0.999, "MoCo: momentum of the key encoder", range="[0, 1]")
+    T: float = key(0.2, "MoCo: temperature of InfoNCE", range="(0, inf)")
+    K: int = key(65536, "MoCo: keys in the queue (negatives)", range="[1, inf)")
     head_bn: bool = key(False, "MoCo: BN on the head's hidden layer (MoCo v3's head; MoCo v2 has none)")
-    shuffle_bn_splits: int = key(4, "MoCo: sub-batches the key batch is encoded in (shuffling BN on one device)")
-    proj_dim: Optional[int] = key(None, "output width of the head (default: MoCo v2 128, SimSiam 2048)")
-    pred_dim: int = key(512, "SimSiam: hidden width of the predictor")
-    proj_layers: int = key(3, "SimSiam: Linear-BN layers of the projector (3 on ImageNet, 2 in its CIFAR runs)")
-    crop_scale: list[float] = key([0.2, 1.0], "RandomResizedCrop: range of the crop's share of the image area")
-    color_jitter: list[float] = key([0.4, 0.4, 0.4, 0.1], "brightness, contrast, saturation, hue of the jitter")
-    jitter_p: float = key(0.8, "probability of the colour jitter")
-    grayscale_p: float = key(0.2, "probability of converting a view to grayscale")
-    blur_p: float = key(0.5, "probability of the Gaussian blur (0: none)")
-    blur_sigma: list[float] = key([0.1, 2.0], "range of the blur's sigma, in pixels of the output image")
+    shuffle_bn_splits: int = key(4, "MoCo: sub-batches the key batch is encoded in (shuffling BN on one device)",
+                                 range="[1, inf)")
+    proj_dim: Optional[int] = key(None, "output width of the head (default: MoCo v2 128, SimSiam 2048)",
+                                  range="[1, inf)")
+    pred_dim: int = key(512, "SimSiam: hidden width of the predictor", range="[1, inf)")
+    proj_layers: int = key(3, "SimSiam: Linear-BN layers of the projector (3 on ImageNet, 2 in its CIFAR runs)",
+                           range="[1, inf)")
+    crop_scale: list[float] = key([0.2, 1.0], "RandomResizedCrop: range of the crop's share of the image area",
+                                   range="(0, 1]")
+    color_jitter: list[float] = key([0.4, 0.4, 0.4, 0.1], "brightness, contrast, saturation, hue of the jitter",
+                                     range="[0, inf)")
+    jitter_p: float = key(0.8, "probability of the colour jitter", range="[0, 1]")
+    grayscale_p: float = key(0.2, "probability of converting a view to grayscale", range="[0, 1]")
+    blur_p: float = key(0.5, "probability of the Gaussian blur (0: none)", range="[0, 1]")
+    blur_sigma: list[float] = key([0.1, 2.0], "range of the blur's sigma, in pixels of the output image",
+                                   range="(0, inf)")
     hflip: bool = key(True, "random horizontal flips")
     recalibrate_bn: bool = key(True, "re-estimate the backbone's BN statistics on the un-augmented training "
                                      "images before writing it")
