@@ -37,7 +37,6 @@ from methods import register_method
 from methods.base import Method
 from utils.config import key
 from utils.losses import weighted_kd_losses
-from utils.registry import UserError
 from utils.types import OptimConfig, Stage
 
 log = logging.getLogger("cl")
@@ -71,11 +70,6 @@ class BiC(Method):
     replay = "required"
     distills = True
     network_class = BiasCorrectedNet
-
-    def __init__(self, cfg, data):
-        super().__init__(cfg, data)
-        if not 0.0 < cfg.split_ratio < 1.0:
-            raise UserError(f"split_ratio must lie in (0, 1), got {cfg.split_ratio}")
 
     def before_task(self, task):
         super().before_task(task)
