@@ -13,6 +13,11 @@ re-averaged per forward: the test-time cost is stem + backbone + one adapter set
 where ACL pays for T adapted paths. The per-task adapters stay stored: the next task starts from task t's own
 (un-merged) adapters and the merge is recomputed over all of them.
 
+Its premise is a backbone whose features already separate the classes, so that each task's adapters are a small
+correction that averaging keeps (the paper: an ImageNet-pretrained ResNet-18). On digits (benchmarks/
+dynammo_merging.py, docs/results.md) the mean merge is within a point of ACL on a MoCo v2 backbone and about ten
+points behind on a weaker SimSiam one or on a backbone that learnt only the first task.
+
 Choices where the paper is silent, and deviations:
 - Merge weights are uniform; every parameter is averaged, alpha included (`merge_strategy: mean`, the default).
   BN running statistics are averaged too (the original's evident intent), or, with `recalibrate_bn: true`,

@@ -22,8 +22,8 @@ used. After it (`after_task`):
    the feature quality (labels are used only here, for this report, never in training);
 3. the backbone's state_dict is written, atomically, to `<run folder>/backbone_seed<S>.pth` and, when
    `save_path` is set, also there ({mode}, {dataset}, {backbone}, {seed} are filled in; a relative path is
-   relative to the working directory, so `options/simsiam/digits.yaml` writes
-   `pretrained/simsiam_digits_resnet32.pth`, which `options/<method>/digits_pretrained.yaml` reads). The file is
+   relative to the working directory, so `options/moco_v2/digits.yaml` writes
+   `pretrained/moco_v2_digits_resnet32.pth`, which `options/<method>/digits_pretrained.yaml` reads). The file is
    read back into a fresh backbone before it is renamed into place, and its path is logged. The original saved
    only "every 100 epochs", through a condition that was never true, so a run wrote nothing.
 
