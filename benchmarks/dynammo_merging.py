@@ -212,7 +212,8 @@ def plot(table: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     present = [b[0] for b in BACKBONES.values() if any(r["backbone"] == b[0] for r in table)]
-    fig, axes = plt.subplots(1, len(present), figsize=(6 * len(present), 5), sharey=True, squeeze=False)
+    width = 5 * len(present) + 3  # 3 inches on the right for the legend
+    fig, axes = plt.subplots(1, len(present), figsize=(width, 5), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, backbone in zip(axes, present):
         rows = [r for r in table if r["backbone"] == backbone and r["last_acc"]]
@@ -229,7 +230,7 @@ def plot(table: list[dict], path: str) -> None:
     if not handles:
         handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.subplots_adjust(right=0.78)
+    fig.subplots_adjust(left=0.9 / width, right=1 - 3 / width, wspace=0.1)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
