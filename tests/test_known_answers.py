@@ -355,8 +355,8 @@ def test_bic_bias_stage_moves_alpha_and_beta_and_closes_the_old_new_gap():
 
     old_before, new_before = accuracies()
     stage = next(s for s in method.stages(task, None, None) if s.name == "bias")
-    Engine(torch.device("cpu")).fit(method, task, Stage("bias", lambda: held_out, stage.optim.replace(batch_size=40),
-                                                        method.bias_step, stage.trains))
+    optim = stage.optim.replace(batch_size=40, epochs=100)  # the stage's own optimiser, to convergence
+    Engine(torch.device("cpu")).fit(method, task, Stage("bias", lambda: held_out, optim, method.bias_step, stage.trains))
     layer = method.network.bias_layers[1]
     old_after, new_after = accuracies()
     assert abs(float(layer.alpha) - 1) > 0.05 and float(layer.beta) < -0.5  # the new logits' bias is taken out
