@@ -103,7 +103,7 @@ def run_one(backbone: str, label: str, method: str, overrides: list[str], seed: 
 
 
 def ensure_pretrained(backbone: str) -> None:
-    """A self-supervised backbone: run the README's pretraining command when its file is missing."""
+    """A self-supervised backbone: run its pretraining config when the file it writes is missing."""
     config, path = BACKBONES[backbone][3:]
     if config is None or os.path.isfile(os.path.join(ROOT, path)):
         return
