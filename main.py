@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trainer.resume import is_finished, saved_config
     from trainer.retest import retest
     from trainer.task_loop import run
+    from utils.precision import default_dtype
 
     if args.help:
         print(help_parser().format_help() + "\n" + help_text({m: method_config(m) for m in METHODS.keys()}))
@@ -100,17 +101,18 @@ def main(argv: list[str] | None = None) -> dict:
         if several_gpus(cfg.device):
             return launch(cfg.device, argv)
         device = start(cfg.device)
-        if is_finished(args.checkpoint_dir, cfg):
-            return retest(cfg, device, args.checkpoint_dir)
-        return run(cfg, device, run_dir=args.checkpoint_dir)[0]
+        with default_dtype(cfg.precision):
+            if is_finished(args.checkpoint_dir, cfg):
+                return retest(cfg, device, args.checkpoint_dir)
+            return run(cfg, device, run_dir=args.checkpoint_dir)[0]
     if not args.config and "method" not in overrides:
         raise UserError("give --config options/<method>/<dataset>.yaml (python main.py --help lists the keys)")
     cfg = load_config(args.config, overrides, method_config)
     if several_gpus(cfg.device):
         return launch(cfg.device, argv)
     device = start(cfg.device)
-    results, _ = run(cfg, device, args.log_root)
-    return results
+    with default_dtype(cfg.precision):
+        return run(cfg, device, args.log_root)[0]
 
 
 def several_gpus(spec: str) -> bool:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from utils.precision import upcast
 from utils.registry import UserError, closest
 
 
@@ -60,8 +61,8 @@ class CosineClassifier(nn.Module):
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
         """(B, classes) class similarities ŷ in [-1, 1] (plain cosines when nb_proxy is 1), in float32."""
         with torch.autocast(features.device.type, enabled=False):
-            weight = F.normalize(torch.cat(list(self.parts)).float(), dim=1)
-            similarities = F.linear(F.normalize(features.float(), dim=1), weight)
+            weight = F.normalize(upcast(torch.cat(list(self.parts))), dim=1)
+            similarities = F.linear(F.normalize(upcast(features), dim=1), weight)
         if self.nb_proxy == 1:
             return similarities
         similarities = similarities.view(len(features), -1, self.nb_proxy)

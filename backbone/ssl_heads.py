@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from utils.precision import upcast
+
 
 def _linear_bn(d_in: int, d_out: int, relu: bool = True, affine: bool = True) -> list[nn.Module]:
     layers = [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out, affine=affine)]
@@ -64,7 +66,7 @@ class MoCoNet(nn.Module):
         return {"features": self.backbone(x)}
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+        return F.normalize(upcast(self.head(self.backbone(x))), dim=1)
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -88,7 +90,7 @@ class MoCoNet(nn.Module):
             keys[order] = torch.cat(chunks)
         finally:
             self.key_backbone.train(was[0]), self.key_head.train(was[1])
-        return F.normalize(keys.float(), dim=1)
+        return F.normalize(upcast(keys), dim=1)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

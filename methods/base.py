@@ -34,6 +34,7 @@ from backbone.incremental_net import IncrementalNet, frozen_copy
 from utils.config import key
 from utils.losses import bounded_ce, class_task_bounds
 from utils.memory import ExemplarMemory, FeatureCache
+from utils.precision import upcast
 from utils.registry import UserError
 from utils.types import OptimConfig, Stage, Task
 
@@ -126,7 +127,7 @@ class Method(nn.Module):
         out = self.network(x)
         scores = {"cnn": out["logits"][:, : self.task.total]}
         if len(self.class_means) >= self.task.total:  # not inside a task, before its classes have means
-            scores["nme"] = -torch.cdist(F.normalize(out["features"].float(), dim=1), self.class_means)
+            scores["nme"] = -torch.cdist(F.normalize(upcast(out["features"]), dim=1), self.class_means)
         return scores
 
     def openset_confidence(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:

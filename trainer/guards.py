@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from utils.memory import ExemplarMemory
+from utils.precision import upcast
 from utils.registry import UserError
 from utils.train_loop import NonFiniteLoss, first_non_finite
 
@@ -58,7 +59,7 @@ def _predict(method, engine, x: torch.Tensor) -> dict:
     method.eval()
     try:
         with engine.autocast():
-            return {k: v.float() for k, v in method.predict(engine.to_device(x)).items()}
+            return {k: upcast(v) for k, v in method.predict(engine.to_device(x)).items()}
     finally:
         for m, mode in modes:
             m.training = mode

@@ -21,6 +21,7 @@ from utils import checkpoint, distributed
 from utils.checkpoint import rng_state
 from utils.flops import InferenceCost
 from utils.logging import close_logging, setup_logging
+from utils.precision import DTYPES
 from utils.seed import set_seed
 from utils.train_loop import Engine
 
@@ -34,7 +35,8 @@ def build(cfg, seed: int, device: torch.device):
     data = DataManager(cfg, seed, single_task=single)
     method = build_method(cfg, data)
     check_memory(cfg, data, method)
-    return data, method, Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed, cfg.sync_bn)
+    return data, method, Engine(device, cfg.num_workers, cfg.amp, cfg.channels_last, seed, cfg.sync_bn,
+                                DTYPES[cfg.precision])
 
 
 def run_seed(cfg, seed: int, device: torch.device, run_dir: str, on_task=None, resume: dict | None = None,

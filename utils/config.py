@@ -112,6 +112,10 @@ class GlobalConfig:
     num_workers: int = key(0, "DataLoader worker processes", range=NON_NEGATIVE)
     amp: bool = key(True, "bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX); "
                           "ignored elsewhere")
+    precision: str = key("float32", "float32, or float64 (every weight, input and loss; slower, no autocast): for "
+                                    "checking that two runs compute the same thing, e.g. distributed against one "
+                                    "process, where float32 rounding grows into different weights",
+                         ("float32", "float64"))
     channels_last: bool = key(True, "channels-last memory format for images and convolution weights (CPU and CUDA)")
     sync_bn: bool = key(False, "distributed runs: batch norm over the global batch (every rank's samples) instead "
                                "of each process's share")

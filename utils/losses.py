@@ -1,12 +1,15 @@
 """Every loss of the project, each with its formula: the only place methods and network parts take them from.
 
 Notation: z are logits (B, C), y integer targets (B,), T a temperature, softmax and log_softmax over classes,
-cos the cosine similarity. Losses are computed in float32 (also under mixed precision).
+cos the cosine similarity. Losses are computed in at least float32 (bfloat16 activations under mixed precision
+are widened by `upcast`; a float64 run stays in float64).
 """
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+from utils.precision import upcast
 
 
 # ---- classification ----
@@ -17,10 +20,10 @@ def restrict_logits(logits: torch.Tensor, y: torch.Tensor, lo, hi) -> tuple[torc
     shifted to y - lo (every y must lie in the range). (B,) tensors: each sample i its own range [lo_i, hi_i),
     so the other classes' logits are set to -inf and the targets stay as they are."""
     if isinstance(lo, int) and isinstance(hi, int):
-        return logits[:, lo:hi].float(), y - lo
+        return upcast(logits[:, lo:hi]), y - lo
     cols = torch.arange(logits.shape[1], device=logits.device)
     outside = (cols < lo[:, None]) | (cols >= hi[:, None])
-    return logits.float().masked_fill(outside, float("-inf")), y
+    return upcast(logits).masked_fill(outside, float("-inf")), y
 
 
 def bounded_ce(logits: torch.Tensor, y: torch.Tensor, lo, hi) -> torch.Tensor:
@@ -45,7 +48,7 @@ def others_cross_entropy(logits: torch.Tensor, y: torch.Tensor, known: int, tota
         target_i = y_i - known   if known <= y_i < total,   else  n = total - known ("others")
         loss = mean_i CE(z_i, target_i)          z: (B, n + 1) logits"""
     inside = (y >= known) & (y < total)
-    return F.cross_entropy(logits.float(), torch.where(inside, y - known, torch.full_like(y, total - known)))
+    return F.cross_entropy(upcast(logits), torch.where(inside, y - known, torch.full_like(y, total - known)))
 
 
 def nca_loss(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
@@ -53,8 +56,8 @@ def nca_loss(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tens
     [ log Σ_{c≠y} exp(z_c) − (z_y − δ) ]₊ for scaled scores z = η ŷ (B, C) and margin δ. Logits set to -inf
     (classes outside a sample's range) drop out of the sum."""
     positive = F.one_hot(y, logits.shape[1]).bool()
-    negatives = logits.float().masked_fill(positive, float("-inf")).logsumexp(dim=1)
-    return F.relu(negatives - logits.float()[positive] + margin).mean()
+    negatives = upcast(logits).masked_fill(positive, float("-inf")).logsumexp(dim=1)
+    return F.relu(negatives - upcast(logits)[positive] + margin).mean()
 
 
 def margin_ranking_loss(cosine: torch.Tensor, y: torch.Tensor, n_old: int, k: int, margin: float) -> torch.Tensor:
@@ -74,8 +77,8 @@ def kd_loss(logits: torch.Tensor, old_logits: torch.Tensor, T: float) -> torch.T
 
     `logits` are the current network's outputs on the old classes (B, C_old), `old_logits` the frozen previous
     network's (B, C_old). No T^2 factor (the original's scale; the weighting is left to the caller)."""
-    targets = F.softmax(old_logits.float() / T, dim=1)
-    return -(targets * F.log_softmax(logits.float() / T, dim=1)).sum(1).mean()
+    targets = F.softmax(upcast(old_logits) / T, dim=1)
+    return -(targets * F.log_softmax(upcast(logits) / T, dim=1)).sum(1).mean()
 
 
 def weighted_kd_losses(ce: torch.Tensor, logits: torch.Tensor, old_logits: torch.Tensor | None,
@@ -95,7 +98,7 @@ def weighted_kd_losses(ce: torch.Tensor, logits: torch.Tensor, old_logits: torch
 def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
     """LUCIR's less-forget loss and PODNet's POD-flat, as the original computes both: mean over the batch of
     1 − cos(f(x), f_old(x))."""
-    return (1 - F.cosine_similarity(features.float(), old_features.float(), dim=1)).mean()
+    return (1 - F.cosine_similarity(upcast(features), upcast(old_features), dim=1)).mean()
 
 
 def pod_spatial(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch.Tensor:
@@ -105,7 +108,7 @@ def pod_spatial(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch
     losses = []
     for new, old in zip(maps, old_maps, strict=True):
         descriptors = [F.normalize(torch.cat([a.sum(2).flatten(1), a.sum(3).flatten(1)], 1), dim=1)
-                       for a in (new.float().pow(2), old.float().pow(2))]
+                       for a in (upcast(new).pow(2), upcast(old).pow(2))]
         losses.append(torch.linalg.vector_norm(descriptors[0] - descriptors[1], dim=1).mean())
     return torch.stack(losses).mean()
 
@@ -131,7 +134,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float
         loss = mean_i −log( exp(q_i·k_i / T) / (exp(q_i·k_i / T) + Σ_j exp(q_i·n_j / T)) )
 
     i.e. cross-entropy with the positive as class 0 among 1 + K logits. k and the negatives get no gradient."""
-    q, k, negatives = q.float(), k.float().detach(), negatives.float().detach()
+    q, k, negatives = upcast(q), upcast(k).detach(), upcast(negatives).detach()
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], 1) / T
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
@@ -144,6 +147,6 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
     where sg stops the gradient (z is treated as a constant). Its minimum is −1."""
     def d(p, z):
-        return -F.cosine_similarity(p.float(), z.float().detach(), dim=1).mean()
+        return -F.cosine_similarity(upcast(p), upcast(z).detach(), dim=1).mean()
 
     return 0.5 * d(p1, z2) + 0.5 * d(p2, z1)

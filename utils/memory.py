@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from utils.precision import upcast
+
 
 def herding(features: torch.Tensor, m: int) -> np.ndarray:
     """Indices of m rows of L2-normalised `features` chosen by herding, in selection order."""
@@ -110,7 +112,7 @@ class ExemplarMemory:
         features = None
         if m > 0 and self.sampling_method not in ("random", "reservoir") and any(len(p) > m for p in pools.values()):
             everything = np.concatenate(list(pools.values()))
-            features = F.normalize(features_of(everything).float(), dim=1)
+            features = F.normalize(upcast(features_of(everything)), dim=1)
         start = 0
         for c, pool in pools.items():
             part = None if features is None else features[start: start + len(pool)]
@@ -138,7 +140,7 @@ class ExemplarMemory:
     def class_means(self, data, features_of: Callable) -> torch.Tensor:
         """L2-normalised mean of the normalised exemplar features, one row per class 0..max (iCaRL's NME)."""
         idx = self.indices()
-        features = F.normalize(features_of(idx).float(), dim=1)
+        features = F.normalize(upcast(features_of(idx)), dim=1)
         labels = torch.as_tensor(data.train_y[idx])
         n = int(labels.max()) + 1
         sums = torch.zeros(n, features.shape[1]).index_add_(0, labels, features)
@@ -182,7 +184,7 @@ class ReservoirBuffer(nn.Module):
         """Offer a batch of samples (their pool positions and logits) to the reservoir."""
         slots, items = reservoir_slots(int(self.n_seen), len(positions), len(self.index), positions.device)
         self.index[slots] = positions[items]
-        self.logits[slots] = logits.float()[items]
+        self.logits[slots] = upcast(logits)[items]
         self.n_seen += len(positions)
 
     def sample(self, size: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ from methods import register_method
 from methods.base import BalancedStageConfig, Method
 from utils.config import key
 from utils.losses import others_cross_entropy
+from utils.precision import upcast
 from utils.registry import UserError
 from utils.types import OptimConfig, Stage
 
@@ -130,7 +131,7 @@ class ACL(Method):
         self.memory.update(task.classes, task.total, self.data, self.newest_features(engine))
 
     def predict(self, x):
-        logits = [z.float() for z in self.head_logits(self.network(x, self.paths()))]
+        logits = [upcast(z) for z in self.head_logits(self.network(x, self.paths()))]
         others = torch.stack([F.softmax(z, dim=1)[:, -1] for z in logits], 1)
         # (1 - u_i) * p_c / max_c p_c with p_c / max p = exp(z_c - max z): no 0 / 0 when every class probability
         # underflows next to a certain "others"

@@ -36,6 +36,7 @@ from methods import register_method
 from methods.base import BalancedStageConfig, Method
 from utils.config import key
 from utils.losses import others_cross_entropy
+from utils.precision import upcast
 from utils.types import OptimConfig, Stage
 
 
@@ -84,7 +85,7 @@ class DER(Method):
         """Stage 2: the fresh classifier on the frozen features of the class-balanced set."""
         with torch.no_grad():
             features = self.network(x)["features"]
-        return {"balanced_ce": F.cross_entropy(self.balanced_fc(features).float() / self.cfg.T, y)}
+        return {"balanced_ce": F.cross_entropy(upcast(self.balanced_fc(features)) / self.cfg.T, y)}
 
     def after_task(self, task, engine):
         if self.balanced_fc is not None:

@@ -103,7 +103,7 @@ class PODNet(UCIR):
             points = np.resize(points, (k, points.shape[1]))
         seed = int(np.random.default_rng([self.data.seed, c]).integers(2 ** 31))
         centres = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(points).cluster_centers_
-        return F.normalize(torch.as_tensor(centres, dtype=torch.float32), dim=1)
+        return F.normalize(torch.as_tensor(centres, dtype=torch.get_default_dtype()), dim=1)
 
     def classification(self, out, y):
         return {"nca": nca_loss(*restrict_logits(out["logits"], y, *self.class_bounds(y)), self.cfg.nca_margin)}

@@ -36,6 +36,7 @@ from methods import register_method
 from methods.base import BalancedStageConfig, Method
 from utils.config import key
 from utils.losses import feature_distillation, margin_ranking_loss
+from utils.precision import upcast
 from utils.types import Action, OptimConfig, Stage
 
 
@@ -90,8 +91,8 @@ class UCIR(Method):
     def imprint(self, task, engine) -> None:
         """Imprint the new classes' weights (the head's newest part) from the current network's features."""
         indices = self.data.indices("train", task.classes)
-        features = F.normalize(engine.features(self.network, self.data.dataset("train", indices, augment=False))
-                               .float(), dim=1)
+        features = F.normalize(upcast(engine.features(self.network, self.data.dataset("train", indices,
+                                                                                        augment=False))), dim=1)
         labels = torch.as_tensor(self.data.train_y[indices])
         self.network.head.imprint(torch.cat([self.class_proxies(features[labels == c], c) for c in task.classes]))
 

@@ -78,6 +78,7 @@ from methods.base import Method
 from utils import distributed
 from utils.config import key
 from utils.losses import info_nce, simsiam_loss
+from utils.precision import upcast
 from utils.registry import UserError
 from utils.types import OptimConfig, Stage
 
@@ -206,7 +207,7 @@ class ContrastivePretrain(Method):
 
             with bn_recalibration(backbone):
                 engine.infer(calibration_pass, clean, self.network, whole=True)  # the same on every rank
-        features = F.normalize(engine.features(self.network, clean).float(), dim=1)
+        features = F.normalize(upcast(engine.features(self.network, clean)), dim=1)
         labels = torch.as_tensor(clean.targets)
         means = torch.stack([features[labels == c].mean(0) for c in range(task.total)])
         self.class_means = F.normalize(means, dim=1).to(self.class_means.device)
@@ -250,7 +251,7 @@ class ContrastivePretrain(Method):
 
     def predict(self, x):
         """"cnn": −distance of the normalised backbone features to the class means (zeros before they exist)."""
-        features = self.network(x)["features"].float()
+        features = upcast(self.network(x)["features"])
         if not self.class_means.numel():
             return {"cnn": torch.zeros(len(x), self.task.total, device=x.device)}
         return {"cnn": -torch.cdist(F.normalize(features, dim=1), self.class_means)}
