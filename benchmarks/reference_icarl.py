@@ -6,9 +6,12 @@ The budget (PyCIL's iCaRL loop on scikit-learn's digits): the stratified 80/20 s
 images resized to 32 px, no augmentation, resnet32, 5 tasks x 2 classes in the order
 np.random.RandomState(seed).permutation(10), 10 epochs per task, memory 200 (a fixed total, herding), SGD lr 0.1
 momentum 0.9 weight decay 5e-4, constant rate, batch 32, KD temperature 2. With `--pycil DIR` the same budget also
-runs in an unmodified PyCIL checkout (its main.py with the JSON config this script writes), provided that
-checkout has a `digits` entry in utils/data.py built the same way (PyCIL has no digits data set of its own); its
-per-task NME accuracy is read from its log. Prints one table per framework and the mean last NME accuracy.
+runs in a PyCIL checkout: its main.py with the JSON config this script writes (memory, classes, seed, device) and
+the schedule set on models/icarl.py's module constants (epochs, rates, milestones, batch, workers), which is where
+PyCIL's iCaRL reads them from. PyCIL has no digits data set: the checkout needs a `digits` entry in utils/data.py
+serving the same 32 px images; the version read here also needed two one-line fixes to run on CPU with a 2-class
+first task (trainer.py compares the whole device list to -1; models/base.py asks for the top 5 of 2 classes).
+Its per-task NME and CNN accuracy are read from its log. Prints one table per framework and the mean last NME.
 """
 from __future__ import annotations
 
@@ -41,28 +44,44 @@ def ours(seed: int, epochs: int, log_root: str) -> dict:
             "seconds": time.perf_counter() - start}
 
 
+# PyCIL's models/icarl.py takes its schedule from module constants (200/170 epochs, milestones, batch 128,
+# 8 workers), not from the JSON config: the budget is set there, before its main.py runs; no file is changed
+PYCIL_RUN = """import runpy, sys
+sys.path.insert(0, ".")
+import models.icarl as icarl
+for name, value in {budget!r}.items():
+    setattr(icarl, name, value)
+sys.argv = ["main.py", "--config", {config!r}]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
 def pycil(root: str, seed: int, epochs: int, threads: int, folder: str) -> dict:
-    """One seed of PyCIL's iCaRL on the same budget (epochs and rates patched through its JSON config)."""
+    """One seed of PyCIL's iCaRL on the same budget."""
     config = {"prefix": "reference", "dataset": "digits", "memory_size": 200, "memory_per_class": 20,
               "fixed_memory": False, "shuffle": True, "init_cls": 2, "increment": 2, "model_name": "icarl",
-              "convnet_type": "resnet32", "device": ["cpu"], "seed": [seed], "init_epoch": epochs, "epochs": epochs,
-              "init_lr": 0.1, "lrate": 0.1, "init_weight_decay": 5e-4, "weight_decay": 5e-4, "batch_size": 32,
-              "init_milestones": [10 ** 6], "milestones": [10 ** 6], "T": 2}
+              "convnet_type": "resnet32", "device": ["cpu"], "seed": [seed]}
+    budget = {"init_epoch": epochs, "epochs": epochs, "init_lr": 0.1, "lrate": 0.1, "init_milestones": [],
+              "milestones": [], "init_weight_decay": 5e-4, "weight_decay": 5e-4, "batch_size": 32, "T": 2,
+              "num_workers": 0}
     path = os.path.join(folder, f"icarl_digits_{seed}.json")
     with open(path, "w") as f:
         json.dump(config, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "main.py", "--config", path], cwd=root, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", PYCIL_RUN.format(budget=budget, config=path)], cwd=root, env=env,
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     text = proc.stdout + proc.stderr
     nme = re.findall(r"NME top1 curve: \[([^\]]*)\]", text)
     cnn = re.findall(r"CNN top1 curve: \[([^\]]*)\]", text)
     if proc.returncode != 0 or not nme:
         raise SystemExit(f"PyCIL run failed (seed {seed}): {text.strip().splitlines()[-1:]}")
-    return {"nme": [float(v) for v in nme[-1].split(",")], "cnn": [float(v) for v in cnn[-1].split(",")],
-            "seconds": seconds}
+
+    def curve(found: str) -> list[float]:  # numpy 2 prints np.float64(97.2)
+        return [float(v) for v in re.sub(r"np\.float64\(([^)]*)\)", r"\1", found).split(",")]
+
+    return {"nme": curve(nme[-1]), "cnn": curve(cnn[-1]), "seconds": seconds}
 
 
 def table(name: str, results: dict) -> str:
@@ -80,6 +99,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pycil", help="an unmodified PyCIL checkout with a digits entry, to run side by side")
+    parser.add_argument("--skip_ours", action="store_true", help="with --pycil: run PyCIL only")
     args = parser.parse_args(argv)
     import torch
 
@@ -87,10 +107,12 @@ def main(argv=None) -> dict:
     results = {"ours": {}, "pycil": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            results["ours"][seed] = ours(seed, args.epochs, os.path.join(tmp, str(seed)))
+            if not args.skip_ours:
+                results["ours"][seed] = ours(seed, args.epochs, os.path.join(tmp, str(seed)))
             if args.pycil:
                 results["pycil"][seed] = pycil(os.path.abspath(args.pycil), seed, args.epochs, args.threads, tmp)
-    print(table("this framework", results["ours"]))
+    if results["ours"]:
+        print(table("this framework", results["ours"]))
     if args.pycil:
         print(table("PyCIL", results["pycil"]))
     return results

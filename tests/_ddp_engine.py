@@ -38,8 +38,8 @@ def train(out: str, sync_bn: bool) -> None:
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(40, 3, 6, 6, generator=generator),
-                                          torch.randint(0, 3, (40,), generator=generator))
+    data = torch.utils.data.TensorDataset(torch.randn(43, 3, 6, 6, generator=generator),
+                                          torch.randint(0, 3, (43,), generator=generator))
     method = Method()
     engine = Engine(torch.device("cpu"), channels_last=True, seed=3, sync_bn=sync_bn)
     stage = Stage("train", lambda: data, OptimConfig(epochs=2, lrate=0.1, batch_size=8, opt_mom=0.9), method.step)

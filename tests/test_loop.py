@@ -369,3 +369,47 @@ def test_every_epoch_trains_in_train_mode_even_after_an_evaluation_left_the_meth
     method.eval()
     fit(method, step, n=8, epochs=2, batch_size=4)
     assert modes == [(True, True)] * 4
+
+
+# ---- precision and the ranks' shares of a batch ----
+def test_a_float64_engine_feeds_and_returns_float64_and_upcast_widens_only_half_precision():
+    from utils.precision import default_dtype, upcast
+
+    engine = Engine(torch.device("cpu"), dtype=torch.float64)
+    assert engine.to_device(torch.ones(2)).dtype == torch.float64
+    assert engine.to_device(torch.ones(2, dtype=torch.long)).dtype == torch.long
+    with default_dtype("float64"):
+        net = nn.Linear(1, 2)
+    assert torch.get_default_dtype() == torch.float32 and net.weight.dtype == torch.float64
+    out, _ = engine.infer(net, TensorDataset(torch.arange(4.0)[:, None], torch.zeros(4, dtype=torch.long)), net)
+    assert out.dtype == torch.float64
+    assert [upcast(torch.ones(1, dtype=d)).dtype for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+            ] == [torch.float32, torch.float32, torch.float32, torch.float64]
+
+
+def test_a_float64_run_trains_and_checkpoints_in_float64_and_restores_the_default(run_main):
+    from conftest import ROOT, TINY
+
+    results, folder = run_main("--config", os.path.join(ROOT, "options", "finetune_il", "digits.yaml"), *TINY,
+                               "--img_size", "8", "--precision", "float64")
+    assert torch.get_default_dtype() == torch.float32
+    state = torch.load(os.path.join(folder, "checkpoints", "seed1_task1.pt"), weights_only=True)["method"]
+    floats = {n: t.dtype for n, t in state.items() if t.is_floating_point()}
+    assert floats and set(floats.values()) == {torch.float64}, floats
+    assert len(results["runs"][0]["acc_matrix"]) == 2
+
+
+@pytest.mark.parametrize("n, batch_size", [(70, 33), (43, 8), (64, 32)])
+def test_each_ranks_dataloader_batch_is_its_share_of_the_same_global_batch(n, batch_size):
+    from utils.train_loop import Batches, SeededSampler
+
+    def batches(rank, world):
+        sampler = SeededSampler(n, True, False, batch_size, False, rank, world)
+        sampler.set_epoch(7)
+        return list(sampler)
+
+    whole, ranks = batches(0, 1), [batches(r, 2) for r in range(2)]
+    assert [len(b) for b in whole] == Batches(Engine(torch.device("cpu")), range(n), batch_size, True).sizes()
+    assert len(ranks[0]) == len(ranks[1]) == len(whole)
+    for step, batch in enumerate(whole):
+        assert ranks[0][step] == batch[0::2] and ranks[1][step] == batch[1::2]

@@ -9,8 +9,10 @@ what a method computes outside the gradient step sees the gathered, full results
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -82,13 +84,39 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
+def gather_batch(t: torch.Tensor) -> torch.Tensor:
+    """The whole global training batch from every rank's share of it, in the batch's order: the engine gives
+    rank r the rows r, r + world, r + 2 world, ... of each global batch (utils/train_loop.py `shard`)."""
+    if not active():
+        return t
+    parts = gather_cat(t)
+    rows = torch.cat([torch.arange(r, len(parts), world()) for r in range(world())]).to(parts.device)
+    return torch.empty_like(parts).index_copy_(0, rows, parts)
+
+
+_replicated = threading.local()
+
+
+@contextlib.contextmanager
+def replicated():
+    """Inside the block every rank feeds the network the same whole batch (GEM's memory gradients, DER++'s replay
+    batches), so synchronised batch norm normalises each rank's batch by itself: the statistics would be the
+    same, but counted `world` times (the running variance's n / (n - 1) would become wn / (wn - 1))."""
+    before = getattr(_replicated, "on", False)
+    _replicated.on = True
+    try:
+        yield
+    finally:
+        _replicated.on = before
+
+
 class _SyncBatchNorm(nn.BatchNorm2d):
     """Batch norm whose training statistics are those of the global batch (every rank's samples), through a
     differentiable all-reduce of the per-channel count, sum and sum of squares: what torch's SyncBatchNorm does
-    on CUDA, here for gloo on CPU."""
+    (on CUDA only), on any device and backend, and local inside `replicated()`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and active()):
+        if not (self.training and active()) or getattr(_replicated, "on", False):
             return super().forward(x)
         from torch.distributed import _functional_collectives as collectives  # differentiable all_reduce
 
@@ -106,10 +134,8 @@ class _SyncBatchNorm(nn.BatchNorm2d):
         return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
 
 
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm2d of `module` normalising with global-batch statistics (CUDA: torch's SyncBatchNorm)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of `module` normalising with global-batch statistics."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             synced = _SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
@@ -118,5 +144,5 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
             synced.requires_grad_(any(p.requires_grad for p in child.parameters()))
             setattr(module, name, synced.train(child.training))
         else:
-            sync_batchnorm(child, device)
+            sync_batchnorm(child)
     return module

@@ -77,9 +77,9 @@ def shard(order: torch.Tensor, batch_size: int, drop_last: bool, rank: int, worl
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """This rank's indices of one epoch (`shard` of the epoch's order); for a dataset that `takes_seeds`, each
-    paired with the seed of its sample's augmentation, a function of the epoch's key and the index. With
-    `batch_size / world` per DataLoader batch, the ranks' batches together are the global batches."""
+    """A DataLoader batch sampler: this rank's indices of each global batch of one epoch (`shard` of the epoch's
+    order); for a dataset that `takes_seeds`, each paired with the seed of its sample's augmentation, a function
+    of the epoch's key and the index. The ranks' batches together are the global batches."""
 
     def __init__(self, n: int, shuffle: bool, seeds: bool, batch_size: int, drop_last: bool, rank: int, world: int):
         self.n, self.shuffle, self.seeds, self.key = n, shuffle, seeds, 0
@@ -89,15 +89,15 @@ class SeededSampler(torch.utils.data.Sampler):
         self.key = key
 
     def __len__(self) -> int:
-        return sum(len(rows) for rows in shard(torch.arange(self.n), self.batch_size, self.drop_last, self.rank,
-                                               self.world))
+        return sum(len(rows) > 0 for rows in shard(torch.arange(self.n), self.batch_size, self.drop_last, self.rank,
+                                                   self.world))
 
     def __iter__(self):
         order = epoch_order(self.n, self.key if self.shuffle else None)
         seeds = np.random.SeedSequence(self.key).generate_state(self.n) if self.seeds else None
         for rows in shard(order, self.batch_size, self.drop_last, self.rank, self.world):
-            for i in rows.tolist():
-                yield (i, int(seeds[i])) if seeds is not None else i
+            if len(rows):  # (an inference pass's last batch may leave a rank without a sample)
+                yield [(i, int(seeds[i])) for i in rows.tolist()] if seeds is not None else rows.tolist()
 
 
 class Batches:
@@ -118,9 +118,15 @@ class Batches:
             workers = engine.num_workers
             self.sampler = SeededSampler(n, shuffle, shuffle and getattr(dataset, "takes_seeds", False), batch_size,
                                          self.drop_last, self.rank, self.world)
-            self.loader = DataLoader(dataset, batch_size=max(1, batch_size // self.world), sampler=self.sampler,
-                                     num_workers=workers, pin_memory=engine.cuda, persistent_workers=workers > 0,
-                                     prefetch_factor=4 if workers else None, generator=torch.Generator())
+            self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=engine.cuda,
+                                     persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                     generator=torch.Generator())
+
+    def sizes(self) -> list[int]:
+        """The number of samples of each global batch of an epoch (every rank's shares together)."""
+        n = len(self.dataset)
+        stop = n - n % self.batch_size if self.drop_last else n
+        return [min(self.batch_size, stop - start) for start in range(0, stop, self.batch_size)]
 
     def epoch(self, key: int | None) -> Iterator[tuple]:
         """This rank's share of each batch of the epoch `key` (None: in order)."""
@@ -213,19 +219,21 @@ class Engine:
     """Device, data loading and the two loops, shared by every method and stage of one seed."""
 
     def __init__(self, device: torch.device, num_workers: int = 0, amp: bool = True, channels_last: bool = True,
-                 seed: int = 0, sync_bn: bool = False):
+                 seed: int = 0, sync_bn: bool = False, dtype: torch.dtype = torch.float32):
         self.device, self.num_workers, self.seed, self.sync_bn = device, num_workers, seed, sync_bn
+        self.dtype = dtype  # of the inputs and of every output `infer` returns (utils/precision.py)
         self.rank, self.world = distributed.rank(), distributed.world()
         self.cuda = device.type == "cuda"
-        self.amp = amp and bf16_native(device)
+        self.amp = amp and dtype == torch.float32 and bf16_native(device)
         self.channels_last = channels_last and device.type in ("cpu", "cuda")
         self.hooks: list[Hook] = []
         self.progress = sys.stderr.isatty()
 
     def describe(self) -> str:
         """The fast paths in use, for the run log."""
-        return (f"bfloat16 autocast {'on' if self.amp else 'off'}, channels-last {'on' if self.channels_last else 'off'}"
-                f", {self.num_workers} DataLoader workers for file datasets"
+        return (f"{str(self.dtype).removeprefix('torch.')}, bfloat16 autocast {'on' if self.amp else 'off'}, "
+                f"channels-last {'on' if self.channels_last else 'off'}, "
+                f"{self.num_workers} DataLoader workers for file datasets"
                 + (f", {self.world} processes (sync BN {'on' if self.sync_bn else 'off'})" if self.world > 1 else ""))
 
     def register(self, hook: Hook) -> None:
@@ -237,7 +245,7 @@ class Engine:
         return Batches(self, dataset, batch_size, shuffle, whole)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
+        x = x.to(self.device, self.dtype if x.is_floating_point() else None, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def autocast(self):
@@ -271,7 +279,7 @@ class Engine:
         if self.channels_last:
             channels_last(method)
         if self.sync_bn and self.world > 1:
-            distributed.sync_batchnorm(method, self.device)
+            distributed.sync_batchnorm(method)
         with _trainable_only(method, stage.trains):
             params = [p for p in method.parameters() if p.requires_grad]
             if not params:
@@ -298,7 +306,7 @@ class Engine:
             for epoch in epochs:
                 start = time.perf_counter()
                 batches = source.epoch(epoch_key(self.seed, task.index, stage.name, epoch))
-                means = self._epoch(method, step, batches, optimizer)
+                means = self._epoch(method, step, batches, optimizer, source.sizes())
                 where = f"task {task.index}, stage '{stage.name}', epoch {epoch + 1}"
                 if not all(np.isfinite(v) for v in means.values()):
                     raise NonFiniteLoss(f"the loss became non-finite in {where} ({_fmt(means)}); lower the learning "
@@ -318,19 +326,23 @@ class Engine:
                          + "".join(f" {k} {v:.2f}" for k, v in end.metrics.items()))
         return means
 
-    def _epoch(self, method, step: Callable, batches: Iterator[tuple], optimizer) -> dict[str, float]:
+    def _epoch(self, method, step: Callable, batches: Iterator[tuple], optimizer, sizes: list[int]
+               ) -> dict[str, float]:
         sums, steps = {}, 0
         method.train()
-        for batch in tqdm(batches, leave=False, disable=not self.progress):
+        for batch, size in zip(tqdm(batches, leave=False, disable=not self.progress), sizes):
             with self.autocast():
                 losses = step(*batch)  # (x, y), or (x, y, extra...) from train_data
-            loss = sum(losses.values())
+            # DDP averages the ranks' gradients: each rank's mean loss is weighed by its share of the global batch,
+            # so that a last batch of 23 shared 12 + 11 gives the gradient of its mean over 23 as one process does
+            share = len(batch[0]) * self.world / size
+            loss = sum(losses.values()) * share
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.before_optimizer_step()
             optimizer.step()
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * share
             steps += 1
         means = {name: float(total) / max(steps, 1) for name, total in sums.items()}
         if self.world > 1:  # the epoch's loss means over every rank's batches
@@ -357,7 +369,8 @@ class Engine:
             for x, y, *_ in self.batches(dataset, batch_size, shuffle=False, whole=whole).epoch(None):
                 with self.autocast():
                     out = fn(x)
-                outputs.append({k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float())
+                outputs.append({k: v.to(self.dtype) for k, v in out.items()} if isinstance(out, dict) else
+                               out.to(self.dtype))
                 targets.append(y)
         finally:
             for m, mode in modes:

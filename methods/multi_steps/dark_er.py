@@ -17,6 +17,9 @@ Deviations and choices:
   position beside (x, y), which the shared loop passes on to `training_step`.
 - Replay batches have `replay_batch_size` samples (default batch_size), drawn without replacement.
 - `incre_type: til` uses CE within each sample's own task (the original is cil only).
+- Distributed runs: every rank offers the whole global batch to its buffer, in the batch's order, and replays
+  the same whole buffer batches (batch norm local there: `distributed.replicated`), so the buffers and the
+  update equal one process's.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from utils import distributed
 from utils.config import key
 from utils.losses import bounded_ce
 from utils.memory import ReservoirBuffer
+from utils.precision import upcast
 from utils.registry import UserError
 
 
@@ -62,13 +66,14 @@ class DarkER(Method):
         logits = self.network(x)["logits"]
         losses = {"ce": self._ce(logits, y)}
         if len(self.memory) > 0:
-            bx, _, stored = self._buffer_batch()
-            losses["mse"] = self.cfg.alpha * F.mse_loss(self.network(bx)["logits"].float(), stored)
-            if self.cfg.beta > 0:
-                bx, by, _ = self._buffer_batch()
-                losses["buffer_ce"] = self.cfg.beta * self._ce(self.network(bx)["logits"], by)
-        # every rank adds the whole global batch, so the buffers of a distributed run stay identical
-        self.memory.add(distributed.gather_cat(position), distributed.gather_cat(logits.detach()))
+            with distributed.replicated():  # every rank replays the same whole buffer batches
+                bx, _, stored = self._buffer_batch()
+                losses["mse"] = self.cfg.alpha * F.mse_loss(upcast(self.network(bx)["logits"]), stored)
+                if self.cfg.beta > 0:
+                    bx, by, _ = self._buffer_batch()
+                    losses["buffer_ce"] = self.cfg.beta * self._ce(self.network(bx)["logits"], by)
+        # every rank adds the whole global batch in its order, so the buffers of a distributed run stay identical
+        self.memory.add(distributed.gather_batch(position), distributed.gather_batch(logits.detach()))
         return losses
 
     def after_task(self, task, engine):

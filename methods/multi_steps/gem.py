@@ -25,6 +25,8 @@ Deviations and choices:
 - cil: every CE over the seen classes; til: each sample's CE within its own task (past-task memories included).
 - The head grows per task (the original allocates every class at once); the constraint covers all trainable
   parameters.
+- Distributed runs: every rank computes the same memory gradients on the whole memories (batch norm local there:
+  `distributed.replicated`) and projects the all-reduced gradient, so every rank applies one process's update.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 
 from methods import register_method
 from methods.base import Method
+from utils import distributed
 from utils.config import key
 from utils.registry import UserError
 from utils.types import OptimConfig, Stage
@@ -89,8 +92,9 @@ class GEM(Method):
                       self.training_step)]
 
     def training_step(self, x, y):
-        self.memory_grads = torch.stack([self._gradient(*memory) for memory in self.task_memories]) \
-            if self.task_memories else None
+        with distributed.replicated():  # every rank computes the same whole memory gradients
+            self.memory_grads = torch.stack([self._gradient(*memory) for memory in self.task_memories]) \
+                if self.task_memories else None
         return {"ce": self.ce(self.network(x)["logits"], y)}
 
     def before_optimizer_step(self):
