@@ -12,6 +12,7 @@ PyCIL's iCaRL reads them from. PyCIL has no digits data set: the checkout needs 
 serving the same 32 px images; the version read here also needed two one-line fixes to run on CPU with a 2-class
 first task (trainer.py compares the whole device list to -1; models/base.py asks for the top 5 of 2 classes).
 Its per-task NME and CNN accuracy are read from its log. Prints one table per framework and the mean last NME.
+benchmarks/reference_icarl_paired.py compares the two piece by piece on the same inputs (weights, batches).
 """
 from __future__ import annotations
 
