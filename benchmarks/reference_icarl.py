@@ -57,14 +57,20 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
-def pycil(root: str, seed: int, epochs: int, threads: int, folder: str) -> dict:
-    """One seed of PyCIL's iCaRL on the same budget."""
+def pycil_budget(seed: int, epochs: int) -> tuple[dict, dict]:
+    """This budget in PyCIL's terms: its JSON config, and the values of models/icarl.py's module constants."""
     config = {"prefix": "reference", "dataset": "digits", "memory_size": 200, "memory_per_class": 20,
               "fixed_memory": False, "shuffle": True, "init_cls": 2, "increment": 2, "model_name": "icarl",
               "convnet_type": "resnet32", "device": ["cpu"], "seed": [seed]}
-    budget = {"init_epoch": epochs, "epochs": epochs, "init_lr": 0.1, "lrate": 0.1, "init_milestones": [],
-              "milestones": [], "init_weight_decay": 5e-4, "weight_decay": 5e-4, "batch_size": 32, "T": 2,
-              "num_workers": 0}
+    constants = {"init_epoch": epochs, "epochs": epochs, "init_lr": 0.1, "lrate": 0.1, "init_milestones": [],
+                 "milestones": [], "init_weight_decay": 5e-4, "weight_decay": 5e-4, "batch_size": 32, "T": 2,
+                 "num_workers": 0}
+    return config, constants
+
+
+def pycil(root: str, seed: int, epochs: int, threads: int, folder: str) -> dict:
+    """One seed of PyCIL's iCaRL on the same budget."""
+    config, budget = pycil_budget(seed, epochs)
     path = os.path.join(folder, f"icarl_digits_{seed}.json")
     with open(path, "w") as f:
         json.dump(config, f)

@@ -42,8 +42,7 @@ opts = json.loads(sys.argv[1])
 S, E, K = opts["seed"], opts["epochs"], opts["steps"]
 torch.set_num_threads(1)
 import models.icarl as icarl
-for name, value in dict(init_epoch=E, epochs=1, init_lr=0.1, lrate=0.1, init_milestones=[], milestones=[],
-                        init_weight_decay=5e-4, weight_decay=5e-4, batch_size=32, num_workers=0).items():
+for name, value in opts["constants"].items():
     setattr(icarl, name, value)
 from utils.data_manager import DataManager
 
@@ -63,16 +62,14 @@ def steps64(learner, batches, test):
         start = {k: v.clone() for k, v in twin._network.state_dict().items()}
         icarl.epochs = 1; icarl.init_epoch = 1
         twin._train(as64(batches), as64(test))
-        icarl.init_epoch = E
+        icarl.epochs = icarl.init_epoch = E
         return start, {k: v.clone() for k, v in twin._network.state_dict().items()}
     finally:
         torch.set_default_dtype(torch.float32)
 
 torch.manual_seed(S); np.random.seed(S)
 dm = DataManager("digits", True, S, 2, 2)
-args = {"memory_size": 200, "memory_per_class": 20, "fixed_memory": False, "device": [torch.device("cpu")],
-        "convnet_type": "resnet32"}
-learner = icarl.iCaRL(args)
+learner = icarl.iCaRL(dict(opts["config"], device=[torch.device("cpu")]))
 learner._cur_task, learner._total_classes = 0, 2
 learner._network.update_fc(2)
 out = {"order": list(dm._class_order), "keys0": list(learner._network.state_dict())}
@@ -127,10 +124,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10, help="of task 0, before its exemplars are selected")
     parser.add_argument("--steps", type=int, default=3, help="SGD steps compared in float64, per task")
     args = parser.parse_args(argv)
+    import reference_icarl
+
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pycil.pt")
-        opts = json.dumps({"seed": args.seed, "epochs": args.epochs, "steps": args.steps, "out": path})
+        config, constants = reference_icarl.pycil_budget(args.seed, args.epochs)
+        opts = json.dumps({"seed": args.seed, "epochs": args.epochs, "steps": args.steps, "out": path,
+                           "config": config, "constants": constants})
         proc = subprocess.run([sys.executable, "-c", PYCIL_SIDE, opts], cwd=os.path.abspath(args.pycil),
                               capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode != 0:
@@ -149,19 +150,19 @@ def compare(theirs: dict, args) -> dict:
     from methods import method_config
     from trainer.task_loop import build
     from utils.config import load_config, parse_cli_overrides
-    from utils.precision import DTYPES, default_dtype
+    from utils.precision import default_dtype
     from utils.train_loop import build_optimizer
 
-    overrides = parse_cli_overrides(reference_icarl.BUDGET[2:] + ["--seed", str(args.seed)])
-    cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), overrides, method_config)
     keys0 = [k for k in theirs["keys0"] if not k.startswith("convnet.fc.")]  # its backbone's unused classifier
     keys1 = [k for k in theirs["keys1"] if not k.startswith("convnet.fc.")]
     rows = {}
 
     def fresh(precision: str):
+        overrides = reference_icarl.BUDGET[2:] + ["--seed", str(args.seed), "--precision", precision]
+        cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), parse_cli_overrides(overrides),
+                          method_config)
         with default_dtype(precision):
             data, method, engine = build(cfg, args.seed, torch.device("cpu"))
-        engine.dtype = DTYPES[precision]  # (the config says float32; this comparison sets it per piece)
         assert list(data.class_order) == theirs["order"], (data.class_order, theirs["order"])
         method.task = data.tasks[0]
         method.before_task(data.tasks[0])
