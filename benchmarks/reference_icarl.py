@@ -1,6 +1,7 @@
 """iCaRL on the budget users compare frameworks with, seed by seed: per-task NME and CNN accuracy and wall time.
 
     python benchmarks/reference_icarl.py [--seeds 1993 1 2] [--epochs 10] [--threads 1] [--pycil DIR]
+        [--pycil_torch_seed fixed|run] [--ours_init seed|pycil]
 
 The budget (PyCIL's iCaRL loop on scikit-learn's digits): the stratified 80/20 split of datasets/digits.py,
 images resized to 32 px, no augmentation, resnet32, 5 tasks x 2 classes in the order
@@ -12,6 +13,12 @@ PyCIL's iCaRL reads them from. PyCIL has no digits data set: the checkout needs 
 serving the same 32 px images; the version read here also needed two one-line fixes to run on CPU with a 2-class
 first task (trainer.py compares the whole device list to -1; models/base.py asks for the top 5 of 2 classes).
 Its per-task NME and CNN accuracy are read from its log. Prints one table per framework and the mean last NME.
+
+Seeds are not alike in the two: PyCIL's trainer seeds torch with 1 whatever the seed, so every PyCIL "seed" starts
+from one and the same initial network; here a seed draws the class order, the initial network and the batch
+orders. `--pycil_torch_seed run` seeds PyCIL's torch with the run's seed (a PyCIL that varies what ours
+varies); `--ours_init pycil` starts our runs from PyCIL's initial backbone (what every PyCIL seed starts from),
+through our `pretrain_path`.
 benchmarks/reference_icarl_paired.py compares the two piece by piece on the same inputs (weights, batches).
 """
 from __future__ import annotations
@@ -34,27 +41,91 @@ BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--
           "--device", "cpu", "--save_models", "false", "--shuffle", "true"]
 
 
-def ours(seed: int, epochs: int, log_root: str) -> dict:
+def ours(seed: int, epochs: int, log_root: str, backbone: str | None = None) -> dict:
+    """One seed of our iCaRL on the budget; `backbone`: a file of initial backbone weights (else drawn from seed)."""
     import main
 
     os.chdir(ROOT)
     start = time.perf_counter()
+    start_from = ["--pretrained", "true", "--pretrain_path", backbone] if backbone else []
     run = main.main([*BUDGET, "--seed", str(seed), "--epochs", str(epochs), "--init_epochs", str(epochs),
-                     "--log_root", log_root])["runs"][0]
+                     "--log_root", log_root, *start_from])["runs"][0]
     return {"nme": [t["nme_acc"] for t in run["tasks"]], "cnn": [t["cnn_acc"] for t in run["tasks"]],
             "seconds": time.perf_counter() - start}
 
 
 # PyCIL's models/icarl.py takes its schedule from module constants (200/170 epochs, milestones, batch 128,
-# 8 workers), not from the JSON config: the budget is set there, before its main.py runs; no file is changed
+# 8 workers), not from the JSON config: the budget is set there, before its main.py runs; no file is changed.
+# PyCIL's trainer seeds torch with 1 whatever the seed (trainer._set_random), so its seeds share one initial
+# network; torch_seed "run" seeds torch with the run's seed instead (as this framework does), by replacing that
+# function before its main.py runs.
 PYCIL_RUN = """import runpy, sys
 sys.path.insert(0, ".")
+import torch
 import models.icarl as icarl
 for name, value in {budget!r}.items():
     setattr(icarl, name, value)
+torch_seed = {torch_seed!r}
+if torch_seed is not None:
+    import trainer
+    trainer._set_random = lambda: torch.manual_seed(torch_seed)
 sys.argv = ["main.py", "--config", {config!r}]
 runpy.run_path("main.py", run_name="__main__")
 """
+
+# PyCIL's initial backbone as its trainer builds it for every seed (torch seeded with 1, then IncrementalNet),
+# saved under our resnet32's tensor names (the two definitions hold the same tensors in the same order)
+PYCIL_INIT = """import sys
+sys.path.insert(0, ".")
+import torch
+from utils.inc_net import IncrementalNet
+torch.manual_seed(1)
+net = IncrementalNet({{"convnet_type": "resnet32", "dataset": "digits", "device": [torch.device("cpu")]}}, False)
+torch.save({{k.removeprefix("convnet."): v for k, v in net.state_dict().items()
+            if k.startswith("convnet.") and not k.startswith("convnet.fc.")}}, {path!r})
+"""
+
+
+def pycil_backbone(root: str, path: str) -> str:
+    """Write PyCIL's initial resnet32 (every PyCIL seed starts from it) to `path` with our tensor names."""
+    import torch
+
+    from backbone import build_backbone
+
+    theirs = os.path.join(os.path.dirname(path), "pycil_init.pt")
+    proc = subprocess.run([sys.executable, "-c", PYCIL_INIT.format(path=theirs)], cwd=root, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"PyCIL's initial network could not be built: {proc.stderr.strip().splitlines()[-1:]}")
+    state = torch.load(theirs, weights_only=True)
+    names = list(build_backbone("resnet32", False, None).state_dict())
+    if len(names) != len(state):
+        raise SystemExit(f"PyCIL's resnet32 has {len(state)} tensors, ours {len(names)}")
+    torch.save(dict(zip(names, state.values())), path)
+    return path
+
+
+# the head of a script run in the PyCIL checkout (reference_icarl_paired.py, reference_icarl_fork.py), its options
+# as JSON in argv[1]: PyCIL's modules first on the path, one thread, the budget on models/icarl.py's constants
+PYCIL_PRELUDE = r"""
+import copy, json, sys
+import numpy as np, torch
+sys.path.insert(0, ".")
+opts = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+import models.icarl as icarl
+for name, value in opts["constants"].items():
+    setattr(icarl, name, value)
+from utils.data_manager import DataManager
+"""
+
+
+def run_in_pycil(root: str, script: str, opts: dict) -> None:
+    """Run PYCIL_PRELUDE + `script` in the PyCIL checkout `root` with `opts`, on one thread."""
+    proc = subprocess.run([sys.executable, "-c", PYCIL_PRELUDE + script, json.dumps(opts)], cwd=os.path.abspath(root),
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"PyCIL side failed: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 def pycil_budget(seed: int, epochs: int) -> tuple[dict, dict]:
@@ -68,16 +139,16 @@ def pycil_budget(seed: int, epochs: int) -> tuple[dict, dict]:
     return config, constants
 
 
-def pycil(root: str, seed: int, epochs: int, threads: int, folder: str) -> dict:
-    """One seed of PyCIL's iCaRL on the same budget."""
+def pycil(root: str, seed: int, epochs: int, threads: int, folder: str, torch_seed: int | None = None) -> dict:
+    """One seed of PyCIL's iCaRL on the same budget (torch seeded with `torch_seed`, else PyCIL's own 1)."""
     config, budget = pycil_budget(seed, epochs)
     path = os.path.join(folder, f"icarl_digits_{seed}.json")
     with open(path, "w") as f:
         json.dump(config, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PYCIL_RUN.format(budget=budget, config=path)], cwd=root, env=env,
-                          capture_output=True, text=True)
+    script = PYCIL_RUN.format(budget=budget, config=path, torch_seed=torch_seed)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     text = proc.stdout + proc.stderr
     nme = re.findall(r"NME top1 curve: \[([^\]]*)\]", text)
@@ -107,17 +178,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pycil", help="an unmodified PyCIL checkout with a digits entry, to run side by side")
     parser.add_argument("--skip_ours", action="store_true", help="with --pycil: run PyCIL only")
+    parser.add_argument("--pycil_torch_seed", choices=("fixed", "run"), default="fixed",
+                        help="fixed: PyCIL as shipped (torch seeded with 1 for every seed); run: with the run's seed")
+    parser.add_argument("--ours_init", choices=("seed", "pycil"), default="seed",
+                        help="pycil: our runs start from PyCIL's initial backbone (needs --pycil)")
     args = parser.parse_args(argv)
+    if args.ours_init == "pycil" and not args.pycil:
+        parser.error("--ours_init pycil needs --pycil DIR")
     import torch
 
     torch.set_num_threads(args.threads)
     results = {"ours": {}, "pycil": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        backbone = None
+        if args.ours_init == "pycil" and not args.skip_ours:
+            backbone = pycil_backbone(os.path.abspath(args.pycil), os.path.join(tmp, "pycil_backbone.pt"))
         for seed in args.seeds:
             if not args.skip_ours:
-                results["ours"][seed] = ours(seed, args.epochs, os.path.join(tmp, str(seed)))
+                results["ours"][seed] = ours(seed, args.epochs, os.path.join(tmp, str(seed)), backbone)
             if args.pycil:
-                results["pycil"][seed] = pycil(os.path.abspath(args.pycil), seed, args.epochs, args.threads, tmp)
+                torch_seed = seed if args.pycil_torch_seed == "run" else None
+                results["pycil"][seed] = pycil(os.path.abspath(args.pycil), seed, args.epochs, args.threads, tmp,
+                                               torch_seed)
     if results["ours"]:
         print(table("this framework", results["ours"]))
     if args.pycil:

@@ -19,9 +19,7 @@ reference_icarl.py) and prints how far ours lands from PyCIL's:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -32,19 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-# run in the PyCIL checkout: its DataManager, iCaRL learner and loops, with the budget on its module constants
+# run in the PyCIL checkout after reference_icarl.PYCIL_PRELUDE: its DataManager, iCaRL learner and loops
 PYCIL_SIDE = r"""
-import copy, json, sys
-import numpy as np, torch
 from torch.utils.data import DataLoader
-sys.path.insert(0, ".")
-opts = json.loads(sys.argv[1])
 S, E, K = opts["seed"], opts["epochs"], opts["steps"]
-torch.set_num_threads(1)
-import models.icarl as icarl
-for name, value in opts["constants"].items():
-    setattr(icarl, name, value)
-from utils.data_manager import DataManager
 
 def as64(batches):
     return [(i, x.double(), y) for i, x, y in batches]
@@ -130,12 +119,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pycil.pt")
         config, constants = reference_icarl.pycil_budget(args.seed, args.epochs)
-        opts = json.dumps({"seed": args.seed, "epochs": args.epochs, "steps": args.steps, "out": path,
-                           "config": config, "constants": constants})
-        proc = subprocess.run([sys.executable, "-c", PYCIL_SIDE, opts], cwd=os.path.abspath(args.pycil),
-                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if proc.returncode != 0:
-            raise SystemExit(f"PyCIL side failed: {proc.stderr.strip().splitlines()[-1:]}")
+        reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, {"seed": args.seed, "epochs": args.epochs,
+                                                             "steps": args.steps, "out": path, "config": config,
+                                                             "constants": constants})
         theirs = torch.load(path, weights_only=False)
     rows = compare(theirs, args)
     print(f"iCaRL, ours against PyCIL on the same inputs (seed {args.seed}, reference_icarl.py's budget)")

@@ -413,3 +413,29 @@ def test_each_ranks_dataloader_batch_is_its_share_of_the_same_global_batch(n, ba
     assert len(ranks[0]) == len(ranks[1]) == len(whole)
     for step, batch in enumerate(whole):
         assert ranks[0][step] == batch[0::2] and ranks[1][step] == batch[1::2]
+
+
+def test_the_run_seed_draws_the_initial_network_as_well_as_the_class_order():
+    """A seed is a whole draw: class order, initial weights and batch orders (PyCIL's trainer seeds torch with 1
+    for every seed, so its seeds share one initial network; docs/icarl_vs_pycil.md). The same seed rebuilds the
+    same network; another seed gives other weights."""
+    from conftest import ROOT, TINY
+    from methods import method_config
+    from trainer.task_loop import build
+    from utils.config import load_config, parse_cli_overrides
+
+    cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), parse_cli_overrides(TINY), method_config)
+
+    def initial(seed):
+        data, method, engine = build(cfg, seed, torch.device("cpu"))
+        method.before_task(data.tasks[0])
+        return data.class_order, method.network.state_dict(), engine.seed
+
+    order1, net1, engine1 = initial(1)
+    torch.manual_seed(99)  # whatever the RNG was before, build reseeds it
+    again, net1b, _ = initial(1)
+    order2, net2, engine2 = initial(2)
+    assert again == order1 and all(torch.equal(net1[k], net1b[k]) for k in net1)
+    floats = [k for k in net1 if net1[k].is_floating_point() and net1[k].std() > 0]
+    assert floats and all(not torch.equal(net1[k], net2[k]) for k in floats)
+    assert (engine1, engine2) == (1, 2)  # the engine's batch orders are keyed by the run seed

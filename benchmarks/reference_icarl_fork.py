@@ -1,0 +1,131 @@
+"""Our iCaRL and PyCIL's trained onward from one and the same state: where in a run does a gap between them open?
+
+    python benchmarks/reference_icarl_fork.py --pycil DIR [--seed 1] [--fork 4] [--repeats 4]
+
+PyCIL (its own learner and loops in its checkout, torch seeded with 1 as its trainer does, the budget of
+reference_icarl.py) trains tasks 0..fork-1 of the seed and saves its state: network, exemplar memory, per-task
+NME. Then task `fork` is trained `--repeats` times from that state by each framework, each repeat with its own
+draw of batch order and new head rows (PyCIL: torch seeded 1000 + r; ours: run seed 1000 + r), and the NME after
+it is printed per repeat. Ours starts from PyCIL's state loaded into our iCaRL (the network by tensor order, the
+exemplars as train-pool positions, matched by image); its NME at the fork, from our class means of PyCIL's
+network and exemplars, is printed beside PyCIL's. Equal distributions after the fork place any gap before it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+# run in the PyCIL checkout after reference_icarl.PYCIL_PRELUDE
+PYCIL_SIDE = r"""
+def nme_of(learner):
+    cnn, nme = learner.eval_task()
+    return float(nme["top1"])
+
+torch.manual_seed(1)  # PyCIL's trainer._set_random, whatever the seed
+dm = DataManager("digits", True, opts["seed"], 2, 2)
+learner = icarl.iCaRL(dict(opts["config"], device=[torch.device("cpu")]))
+curve = []
+for _ in range(opts["fork"]):
+    learner.incremental_train(dm)
+    curve.append(nme_of(learner))
+    learner.after_task()
+train = np.load("data/digits32.npz")["train_data"]
+rows = [int(np.flatnonzero((train == m).all(axis=(1, 2, 3)))[0]) for m in learner._data_memory]
+onward = []
+for r in range(opts["repeats"]):
+    twin = copy.deepcopy(learner)
+    torch.manual_seed(1000 + r)
+    twin.incremental_train(dm)
+    onward.append(nme_of(twin))
+torch.save({"order": list(dm._class_order), "curve": curve, "onward": onward, "rows": rows,
+            "targets": [int(t) for t in learner._targets_memory],
+            "state": {k: v for k, v in learner._network.state_dict().items() if not k.startswith("convnet.fc.")}},
+           opts["out"])
+"""
+
+
+def ours_onward(theirs: dict, seed: int, fork: int, repeats: int) -> tuple[float | None, list[float]]:
+    """Our NME at the fork (PyCIL's network and exemplars, our class means) and after task `fork` per repeat."""
+    import reference_icarl
+    from methods import method_config
+    from trainer.evaluation import evaluate
+    from trainer.task_loop import build
+    from utils.config import load_config, parse_cli_overrides
+
+    cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"),
+                      parse_cli_overrides(reference_icarl.BUDGET[2:] + ["--seed", str(seed)]), method_config)
+
+    def at_fork(run_seed: int):
+        data, method, engine = build(cfg, seed, torch.device("cpu"))
+        assert list(data.class_order) == theirs["order"], (data.class_order, theirs["order"])
+        for task in data.tasks[:fork]:  # our network grows its head to the fork's classes
+            method.task = task
+            method.before_task(task)
+        names = list(method.network.state_dict())
+        method.network.load_state_dict(dict(zip(names, theirs["state"].values())))
+        rows, targets = np.asarray(theirs["rows"], dtype=np.int64), np.asarray(theirs["targets"], dtype=np.int64)
+        assert (data.train_y[rows] == targets).all()
+        method.memory.exemplars = {int(c): rows[targets == c] for c in np.unique(targets)}
+        engine.seed = run_seed  # the batch orders of the task after the fork
+        torch.manual_seed(run_seed)  # its new head rows
+        return data, method, engine
+
+    at = None
+    if fork > 0:
+        data, method, engine = at_fork(seed)
+        method.class_means = method.memory.class_means(data, method.features_of(engine))
+        at = evaluate(method, engine, data, data.tasks[fork - 1], cfg)["nme"]["acc"]
+    onward = []
+    for r in range(repeats):
+        data, method, engine = at_fork(1000 + r)
+        task = data.tasks[fork]
+        method.task = task
+        method.before_task(task)
+        method.to(engine.device)
+        engine.train(method, task, method.stages(task, data.dataset("train", data.indices("train", task.classes)),
+                                                 engine))
+        method.after_task(task, engine)
+        onward.append(evaluate(method, engine, data, task, cfg)["nme"]["acc"])
+    return at, onward
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pycil", required=True, help="a PyCIL checkout with a digits entry")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fork", type=int, default=4, help="tasks PyCIL trains before the fork (0-4)")
+    parser.add_argument("--repeats", type=int, default=4, help="trainings of the next task per framework")
+    args = parser.parse_args(argv)
+    if not 0 <= args.fork <= 4:
+        parser.error("--fork is a task index of the 5-task budget: 0..4")
+    import reference_icarl
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        config, constants = reference_icarl.pycil_budget(args.seed, 10)
+        path = os.path.join(tmp, "fork.pt")
+        reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, {"seed": args.seed, "fork": args.fork,
+                                                             "repeats": args.repeats, "out": path, "config": config,
+                                                             "constants": constants})
+        theirs = torch.load(path, weights_only=False)
+    at, onward = ours_onward(theirs, args.seed, args.fork, args.repeats)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    print(f"seed {args.seed}: PyCIL's NME per task up to the fork {theirs['curve']}; ours at the fork, from the "
+          f"same network and exemplars: {at}")
+    print(f"NME after task {args.fork}, {args.repeats} trainings each from that state:")
+    print(f"| PyCIL | {', '.join(f'{v:.2f}' for v in theirs['onward'])} | mean {mean(theirs['onward']):.2f} |")
+    print(f"| ours | {', '.join(f'{v:.2f}' for v in onward)} | mean {mean(onward):.2f} |")
+    return {"curve": theirs["curve"], "at_fork": at, "pycil": theirs["onward"], "ours": onward}
+
+
+if __name__ == "__main__":
+    main()
