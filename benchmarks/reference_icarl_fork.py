@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import tempfile
+from statistics import mean
 
 import numpy as np
 import torch
@@ -118,7 +119,6 @@ def main(argv=None) -> dict:
                                                              "constants": constants})
         theirs = torch.load(path, weights_only=False)
     at, onward = ours_onward(theirs, args.seed, args.fork, args.repeats)
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
     print(f"seed {args.seed}: PyCIL's NME per task up to the fork {theirs['curve']}; ours at the fork, from the "
           f"same network and exemplars: {at}")
     print(f"NME after task {args.fork}, {args.repeats} trainings each from that state:")
