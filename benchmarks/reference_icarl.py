@@ -120,12 +120,22 @@ from utils.data_manager import DataManager
 """
 
 
-def run_in_pycil(root: str, script: str, opts: dict) -> None:
-    """Run PYCIL_PRELUDE + `script` in the PyCIL checkout `root` with `opts`, on one thread."""
-    proc = subprocess.run([sys.executable, "-c", PYCIL_PRELUDE + script, json.dumps(opts)], cwd=os.path.abspath(root),
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        raise SystemExit(f"PyCIL side failed: {proc.stderr.strip().splitlines()[-1:]}")
+def run_in_pycil(root: str, script: str, seed: int, epochs: int, **opts) -> dict:
+    """Run PYCIL_PRELUDE + `script` in the PyCIL checkout `root` on one thread, with `opts` plus the seed, the
+    epochs, this budget in PyCIL's terms (`config`, `constants`) and `out`, the file the script torch.saves its
+    results to; returns those results."""
+    import torch
+
+    config, constants = pycil_budget(seed, epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = dict(opts, seed=seed, epochs=epochs, config=config, constants=constants,
+                    out=os.path.join(tmp, "pycil.pt"))
+        proc = subprocess.run([sys.executable, "-c", PYCIL_PRELUDE + script, json.dumps(opts)],
+                              cwd=os.path.abspath(root), capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if proc.returncode != 0:
+            raise SystemExit(f"PyCIL side failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return torch.load(opts["out"], weights_only=False)
 
 
 def pycil_budget(seed: int, epochs: int) -> tuple[dict, dict]:

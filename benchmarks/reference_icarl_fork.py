@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from statistics import mean
 
 import numpy as np
@@ -111,13 +110,8 @@ def main(argv=None) -> dict:
     import reference_icarl
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        config, constants = reference_icarl.pycil_budget(args.seed, 10)
-        path = os.path.join(tmp, "fork.pt")
-        reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, {"seed": args.seed, "fork": args.fork,
-                                                             "repeats": args.repeats, "out": path, "config": config,
-                                                             "constants": constants})
-        theirs = torch.load(path, weights_only=False)
+    theirs = reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, args.seed, 10, fork=args.fork,
+                                          repeats=args.repeats)
     at, onward = ours_onward(theirs, args.seed, args.fork, args.repeats)
     print(f"seed {args.seed}: PyCIL's NME per task up to the fork {theirs['curve']}; ours at the fork, from the "
           f"same network and exemplars: {at}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -116,13 +115,7 @@ def main(argv=None) -> dict:
     import reference_icarl
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "pycil.pt")
-        config, constants = reference_icarl.pycil_budget(args.seed, args.epochs)
-        reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, {"seed": args.seed, "epochs": args.epochs,
-                                                             "steps": args.steps, "out": path, "config": config,
-                                                             "constants": constants})
-        theirs = torch.load(path, weights_only=False)
+    theirs = reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, args.seed, args.epochs, steps=args.steps)
     rows = compare(theirs, args)
     print(f"iCaRL, ours against PyCIL on the same inputs (seed {args.seed}, reference_icarl.py's budget)")
     print("| piece | result |\n|---|---|")
