@@ -1,6 +1,6 @@
 """iCaRL on the budget users compare frameworks with, seed by seed: per-task NME and CNN accuracy and wall time.
 
-    python benchmarks/reference_icarl.py [--seeds 1993 1 2] [--epochs 10] [--threads 1] [--pycil DIR]
+    python benchmarks/reference_icarl.py [--seeds 1993 1 2] [--epochs 10] [--threads 1] [--jobs 1] [--pycil DIR]
         [--pycil_torch_seed fixed|run] [--ours_init seed|pycil]
 
 The budget (PyCIL's iCaRL loop on scikit-learn's digits): the stratified 80/20 split of datasets/digits.py,
@@ -12,7 +12,9 @@ the schedule set on models/icarl.py's module constants (epochs, rates, milestone
 PyCIL's iCaRL reads them from. PyCIL has no digits data set: the checkout needs a `digits` entry in utils/data.py
 serving the same 32 px images; the version read here also needed two one-line fixes to run on CPU with a 2-class
 first task (trainer.py compares the whole device list to -1; models/base.py asks for the top 5 of 2 classes).
-Its per-task NME and CNN accuracy are read from its log. Prints one table per framework and the mean last NME.
+Its per-task NME and CNN accuracy are read from its log. Prints one table per framework, the mean last NME and,
+with both, the mean paired difference over the seeds with its standard error. `--jobs N` runs N of the (framework,
+seed) runs at once, each in its own process on `--threads` threads (wall times then share the machine).
 
 Seeds are not alike in the two: PyCIL's trainer seeds torch with 1 whatever the seed, so every PyCIL "seed" starts
 from one and the same initial network; here a seed draws the class order, the initial network and the batch
@@ -24,13 +26,17 @@ benchmarks/reference_icarl_paired.py compares the two piece by piece on the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -177,15 +183,38 @@ def table(name: str, results: dict) -> str:
     for seed, r in results.items():
         lines.append(f"| {seed} | {', '.join(f'{v:.1f}' for v in r['nme'])} | {', '.join(f'{v:.1f}' for v in r['cnn'])}"
                      f" | {r['nme'][-1]:.2f} | {r['seconds']:.0f} |")
-    mean = sum(r["nme"][-1] for r in results.values()) / len(results)
-    return "\n".join(lines + [f"mean last NME accuracy: {mean:.2f}"])
+    last = [r["nme"][-1] for r in results.values()]
+    spread = f" +- {statistics.stdev(last):.2f} (std over {len(last)} seeds)" if len(last) > 1 else ""
+    return "\n".join(lines + [f"mean last NME accuracy: {statistics.mean(last):.2f}{spread}"])
+
+
+def paired_difference(results: dict) -> str:
+    """Ours minus PyCIL in last NME over the seeds both ran (a seed gives both the same class order), with the
+    standard error of that mean difference."""
+    seeds = [s for s in results["ours"] if s in results["pycil"]]
+    diffs = [results["ours"][s]["nme"][-1] - results["pycil"][s]["nme"][-1] for s in seeds]
+    se = f", standard error {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}" if len(diffs) > 1 else ""
+    return f"last NME, ours - PyCIL: {statistics.mean(diffs):+.2f} over {len(diffs)} seeds{se}"
+
+
+def one_run(job: tuple) -> tuple:
+    """One (framework, seed) of the comparison, in this process or a worker of `--jobs`."""
+    import torch
+
+    framework, seed, args, folder, backbone = job
+    torch.set_num_threads(args.threads)
+    if framework == "ours":
+        return framework, seed, ours(seed, args.epochs, os.path.join(folder, str(seed)), backbone)
+    torch_seed = seed if args.pycil_torch_seed == "run" else None
+    return framework, seed, pycil(os.path.abspath(args.pycil), seed, args.epochs, args.threads, folder, torch_seed)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--pycil", help="an unmodified PyCIL checkout with a digits entry, to run side by side")
     parser.add_argument("--skip_ours", action="store_true", help="with --pycil: run PyCIL only")
     parser.add_argument("--pycil_torch_seed", choices=("fixed", "run"), default="fixed",
@@ -195,25 +224,26 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.ours_init == "pycil" and not args.pycil:
         parser.error("--ours_init pycil needs --pycil DIR")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    frameworks = (["ours"] if not args.skip_ours else []) + (["pycil"] if args.pycil else [])
     results = {"ours": {}, "pycil": {}}
     with tempfile.TemporaryDirectory() as tmp:
         backbone = None
         if args.ours_init == "pycil" and not args.skip_ours:
             backbone = pycil_backbone(os.path.abspath(args.pycil), os.path.join(tmp, "pycil_backbone.pt"))
-        for seed in args.seeds:
-            if not args.skip_ours:
-                results["ours"][seed] = ours(seed, args.epochs, os.path.join(tmp, str(seed)), backbone)
-            if args.pycil:
-                torch_seed = seed if args.pycil_torch_seed == "run" else None
-                results["pycil"][seed] = pycil(os.path.abspath(args.pycil), seed, args.epochs, args.threads, tmp,
-                                               torch_seed)
+        jobs = [(f, seed, args, tmp, backbone) for seed in args.seeds for f in frameworks]
+        # spawned workers: each run has its own torch and its own threads
+        with (ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1
+              else contextlib.nullcontext()) as pool:
+            for framework, seed, result in (pool.map if pool else map)(one_run, jobs):
+                results[framework][seed] = result
     if results["ours"]:
         print(table("this framework", results["ours"]))
     if args.pycil:
         print(table("PyCIL", results["pycil"]))
+    if results["ours"] and results["pycil"]:
+        print(paired_difference(results))
     return results
 
 
