@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from backbone.network import Network
 from utils.registry import UserError, closest
 
 MERGED = "merged"
@@ -107,15 +108,17 @@ def bn_recalibration(module: nn.Module):
             m.momentum = momentum
 
 
-class AdapterNet(nn.Module):
+class AdapterNet(Network):
     """A backbone with per-task adapters at `layer_names` and per-task heads Linear(D, n_t + 1), whose last
-    output is "others" (a sample of another task). Inside a Method, frozen parts (no parameter requiring grad) run
-    in eval mode."""
+    output is "others" (a sample of another task). `forward(x)` and `features(x)` run the newest task's path
+    (what its training and exemplar selection use); `forward_paths(x, paths)` runs several. A new task's
+    adapters start as a copy of the previous task's (`adapter_init` "previous") or of the first task's ("first");
+    the adapters and heads of earlier tasks are frozen (and so, inside a Method, run in eval mode)."""
 
-    def __init__(self, backbone: nn.Module, layer_names: Sequence[str], img_size: int, merged: bool = False):
-        super().__init__()
-        self.backbone, self.feature_dim = backbone, backbone.feature_dim
-        self.layer_names = list(layer_names)
+    def __init__(self, backbone: nn.Module, layer_names: Sequence[str], img_size: int, merged: bool = False,
+                 adapter_init: str = "previous"):
+        super().__init__(backbone)
+        self.layer_names, self.adapter_init = list(layer_names), adapter_init
         channels = self._probe(img_size)
         self.adapters = nn.ModuleList(nn.ModuleList() for _ in channels)  # [point][task]
         self.merged = None
@@ -160,16 +163,25 @@ class AdapterNet(nn.Module):
     def n_tasks(self) -> int:
         return len(self.heads)
 
-    def add_task(self, n_classes: int, init_from: str = "previous") -> None:
-        """Adapters for a new task at every point, copied from the previous task's (`init_from` "previous") or the
-        first task's ("first"), and a head (n_classes + 1)."""
+    @property
+    def n_classes(self) -> int:
+        return sum(head.out_features - 1 for head in self.heads)
+
+    def expand_head(self, n_classes: int) -> None:
+        """A new task of classes [n_classes so far, n_classes): adapters at every point, copied from the previous
+        (or the first) task's, and a head of its classes plus "others"; earlier adapters and heads are frozen."""
+        added = n_classes - self.n_classes
+        if added <= 0:
+            return
+        self.adapters.requires_grad_(False)
+        self.heads.requires_grad_(False)
         device = next(self.backbone.parameters()).device
         for point, adapters in enumerate(self.adapters):
             adapter = Adapter(self.channels[point])
             if len(adapters):
-                adapter.load_state_dict(adapters[-1 if init_from == "previous" else 0].state_dict())
+                adapter.load_state_dict(adapters[-1 if self.adapter_init == "previous" else 0].state_dict())
             adapters.append(adapter.to(device))
-        self.heads.append(nn.Linear(self.feature_dim, n_classes + 1).to(device))
+        self.heads.append(nn.Linear(self.feature_dim, added + 1).to(device))
 
     def task_set(self, task: int) -> nn.ModuleList:
         """Task `task`'s adapters at every point, as one module (its parameters in the order of `merged`'s)."""
@@ -210,7 +222,7 @@ class AdapterNet(nn.Module):
 
         return hook
 
-    def forward(self, x: torch.Tensor, paths: Sequence) -> torch.Tensor:
+    def forward_paths(self, x: torch.Tensor, paths: Sequence) -> torch.Tensor:
         """Features (len(paths), B, D): the backbone with each path's adapters."""
         self._paths = list(paths)
         try:
@@ -218,3 +230,12 @@ class AdapterNet(nn.Module):
         finally:
             self._paths = None
         return features.view(len(paths), x.shape[0], -1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The newest task's path."""
+        return self.forward_paths(x, [self.n_tasks - 1])[0]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The newest task's path and head (its last column: "others")."""
+        features = self.features(x)
+        return {"features": features, "logits": self.heads[-1](features)}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from backbone.network import Network
 from utils.precision import upcast
 from utils.registry import UserError, closest
 
@@ -72,13 +73,12 @@ class CosineClassifier(nn.Module):
         return self.sigma * self.cosine(features)
 
 
-class CosineIncrementalNet(nn.Module):
+class CosineIncrementalNet(Network):
     """forward(x) -> {"features", "maps" (the hooked outputs, in execution order), "cosine", "logits" = σ·cosine}."""
 
     def __init__(self, backbone: nn.Module, nb_proxy: int = 1, layer_names: list[str] | tuple = (),
                  max_sigma: float | None = None):
-        super().__init__()
-        self.backbone, self.feature_dim = backbone, backbone.feature_dim
+        super().__init__(backbone)
         self.head = CosineClassifier(self.feature_dim, nb_proxy, max_sigma)
         names = [n for n, _ in backbone.named_modules() if n]
         for name in layer_names:
@@ -95,10 +95,6 @@ class CosineIncrementalNet(nn.Module):
         """Grow the head to `n_classes` classes with a new part; the parts of earlier tasks are frozen."""
         if n_classes > self.n_classes:
             self.head.add_classes(n_classes - self.n_classes)
-
-    def freeze_backbone(self, frozen: bool = True) -> None:
-        """Freeze (or release) the feature extractor (inside a Method a frozen one also runs in eval mode)."""
-        self.backbone.requires_grad_(not frozen)
 
     def forward(self, x: torch.Tensor) -> dict:
         maps: list[torch.Tensor] = []

@@ -10,12 +10,12 @@ import copy
 import torch
 from torch import nn
 
+from backbone.network import Network
 
-class IncrementalNet(nn.Module):
+
+class IncrementalNet(Network):
     def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.feature_dim = backbone.feature_dim
+        super().__init__(backbone)
         self.fc: nn.Linear | None = None
 
     @property
@@ -35,11 +35,6 @@ class IncrementalNet(nn.Module):
                 fc.weight[: old.out_features] = old.weight
                 fc.bias[: old.out_features] = old.bias
         self.fc = fc
-
-    def freeze_backbone(self, frozen: bool = True) -> None:
-        """Freeze (or release) the feature extractor; a frozen one also keeps its BN statistics, since a Method
-        runs every module whose parameters are all frozen in eval mode."""
-        self.backbone.requires_grad_(not frozen)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)

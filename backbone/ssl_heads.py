@@ -10,8 +10,8 @@ MoCo v2 or SimSiam put on top of it. Only the backbone is kept after pretraining
   (ReLU between; the last BN without affine parameters, as in the authors' code) to out_dim, and a predictor
   out_dim -> pred_dim -> out_dim (BN and ReLU on the hidden layer only).
 
-`forward(x)` returns {"features": backbone(x)}, the penultimate features every other network returns, so the
-shared inference loop (`Engine.features`) works on it unchanged.
+Both follow the network contract (backbone/network.py): `forward(x)` returns the backbone's features, and
+"logits" over no class, since a pretraining network has no classifier (`expand_head` adds none).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from backbone.network import Network
 from utils.precision import upcast
 
 
@@ -29,10 +30,24 @@ def _linear_bn(d_in: int, d_out: int, relu: bool = True, affine: bool = True) ->
     return layers + [nn.ReLU(inplace=True)] if relu else layers
 
 
-class SimSiamNet(nn.Module):
+class _Pretraining(Network):
+    """A backbone and the heads of a self-supervised objective: features, and no classifier."""
+
+    @property
+    def n_classes(self) -> int:
+        return 0
+
+    def expand_head(self, n_classes: int) -> None:
+        """Nothing to grow: the class-mean report of pretraining lives in the method."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(x)
+        return {"features": features, "logits": features.new_zeros(len(x), 0)}
+
+
+class SimSiamNet(_Pretraining):
     def __init__(self, backbone: nn.Module, out_dim: int = 2048, pred_dim: int = 512, proj_layers: int = 3):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone)
         dim = backbone.feature_dim
         layers = []
         for i in range(proj_layers):
@@ -41,19 +56,15 @@ class SimSiamNet(nn.Module):
         self.projector = nn.Sequential(*layers)
         self.predictor = nn.Sequential(*_linear_bn(out_dim, pred_dim), nn.Linear(pred_dim, out_dim))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"features": self.backbone(x)}
-
     def project_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, p): the projection of x and the predictor's output on it."""
         z = self.projector(self.backbone(x))
         return z, self.predictor(z)
 
 
-class MoCoNet(nn.Module):
+class MoCoNet(_Pretraining):
     def __init__(self, backbone: nn.Module, out_dim: int = 128, K: int = 65536, head_bn: bool = False):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone)
         dim = backbone.feature_dim
         hidden = [nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim)] if head_bn else [nn.Linear(dim, dim)]
         self.head = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
@@ -61,9 +72,6 @@ class MoCoNet(nn.Module):
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(K, out_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"features": self.backbone(x)}
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(upcast(self.head(self.backbone(x))), dim=1)

@@ -23,10 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("acc_matrix", "last_acc", "avg_incremental_acc")
 
 
-def run_one(root: str, config: str, log_root: str) -> dict:
+def run_one(root: str, config: str, log_root: str, extra: list[str]) -> dict:
     name = os.path.relpath(config, root)
     cmd = [sys.executable, "main.py", "--config", name, "--seed", "1", "--device", "cpu", "--log_root",
-           os.path.join(log_root, name.replace("/", "_"))]
+           os.path.join(log_root, name.replace("/", "_")), *extra]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     if proc.returncode != 0:
@@ -38,13 +38,13 @@ def run_one(root: str, config: str, log_root: str) -> dict:
             "params": [t["params"] for t in run["tasks"]], "train_time_s": sum(t["train_time_s"] for t in run["tasks"])}
 
 
-def run(root: str, out: str, jobs: int, only: list[str] | None) -> None:
+def run(root: str, out: str, jobs: int, only: list[str] | None, extra: list[str]) -> None:
     configs = sorted(glob.glob(os.path.join(root, "options", "*", "digits.yaml")))
     if only:
         configs = [c for c in configs if os.path.basename(os.path.dirname(c)) in only]
     with tempfile.TemporaryDirectory() as logs, ThreadPoolExecutor(jobs) as pool:
         results = dict(zip((os.path.relpath(c, root) for c in configs),
-                           pool.map(lambda c: run_one(root, c, logs), configs)))
+                           pool.map(lambda c: run_one(root, c, logs, extra), configs)))
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
     for name, r in results.items():
@@ -76,11 +76,12 @@ if __name__ == "__main__":
     r.add_argument("--root", default=ROOT)
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--methods", nargs="*")
+    r.add_argument("--args", default="", help="more main.py arguments for every run, e.g. '--amp false'")
     c = sub.add_parser("compare")
     c.add_argument("before")
     c.add_argument("after")
     args = parser.parse_args()
     if args.command == "run":
-        run(os.path.abspath(args.root), args.out, args.jobs, args.methods)
+        run(os.path.abspath(args.root), args.out, args.jobs, args.methods, args.args.split())
     else:
         sys.exit(compare(args.before, args.after))

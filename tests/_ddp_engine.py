@@ -33,7 +33,7 @@ class Method(torch.nn.Module):
 
 
 def train(out: str, sync_bn: bool) -> None:
-    from utils.train_loop import Engine
+    from trainer.engine.engine import Engine
     from utils.types import OptimConfig, Stage, Task
 
     torch.set_num_threads(1)

@@ -1,6 +1,5 @@
 """Shared test helpers: run main.py in-process on tiny settings and read the files it writes."""
 import glob
-import json
 import os
 import sys
 
@@ -21,13 +20,11 @@ TINY = ["--device", "cpu", "--seed", "1", "--epochs", "1", "--init_epochs", "1",
 def run_main(tmp_path):
     """Call main.main(argv) with run output under tmp_path; returns (results.json contents, run folder)."""
     import main
+    from trainer.results import read_results
 
     def _run(*argv):
-        main.main([*argv, "--log_root", str(tmp_path / "logs")])
-        found = glob.glob(str(tmp_path / "logs" / "**" / "results.json"), recursive=True)
-        assert len(found) == 1, found
-        with open(found[0]) as f:
-            return json.load(f), os.path.dirname(found[0])
+        run_dir = main.main([*argv, "--log_root", str(tmp_path / "logs")])
+        return read_results(run_dir), run_dir
 
     return _run
 
@@ -37,7 +34,7 @@ def run_stage(method, engine, task, name, new_data, **changes):
     `data=lambda: subset` or `optim=OptimConfig(...)`); returns its last epoch's mean losses."""
     import dataclasses
 
-    stage = next(s for s in method.stages(task, new_data, engine) if s.name == name)
+    stage = next(s for s in method.stages(task, new_data, engine.infer) if s.name == name)
     return engine.fit(method, task, dataclasses.replace(stage, **changes))
 
 

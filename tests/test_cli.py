@@ -11,7 +11,8 @@ from backbone import BACKBONES
 from conftest import ROOT
 from datasets import DATASETS
 from methods import METHODS
-from utils.device import resolve_device
+from trainer import cli
+from trainer.device import resolve_device
 from utils.registry import Registry, UserError
 
 DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
@@ -62,14 +63,14 @@ def test_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
 
 
 def test_own_options_and_config_keys_are_split():
-    args, rest = main.parse(["--config", "a.yaml", "--lrate", "-1", "--milestones", "3", "6", "--log_root=x",
-                             "--debug", "--seed", "1"])
+    args = cli.parse(["--config", "a.yaml", "--lrate", "-1", "--milestones", "3", "6", "--log_root=x", "--debug",
+                      "--seed", "1"])
     assert (args.config, args.log_root, args.debug) == ("a.yaml", "x", True)
-    assert rest == ["--lrate", "-1", "--milestones", "3", "6", "--seed", "1"]
+    assert args.overrides == {"lrate": -1, "milestones": [3, 6], "seed": 1}
     with pytest.raises(UserError, match="given twice"):
-        main.parse(["--log_root", "a", "--log_root", "b"])
+        cli.parse(["--log_root", "a", "--log_root", "b"])
     with pytest.raises(UserError, match="unexpected argument 'x'"):
-        main.parse(["--debug", "x"])
+        cli.parse(["--debug", "x"])
 
 
 def test_unknown_names_suggest_the_closest():

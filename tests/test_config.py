@@ -7,7 +7,9 @@ import yaml
 
 from conftest import ROOT
 from methods import method_config
-from utils.config import Range, load_config, parse_cli_overrides
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
+from utils.config import Range
 from utils.registry import UserError
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "options", "*", "*.yaml")))

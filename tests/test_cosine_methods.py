@@ -11,10 +11,10 @@ from backbone.resnet_cifar import ResNet32
 from conftest import ROOT, run_stage
 from datasets.scenario import DataManager
 from methods import build_method, method_config
-from utils.config import load_config
+from trainer.config_loader import load_config
 from utils.losses import feature_distillation, margin_ranking_loss, nca_loss, pod_spatial
 from utils.registry import UserError
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 from utils.types import OptimConfig
 
 
@@ -101,11 +101,9 @@ def test_stages_train_what_they_should(name):
     method, data = _method(name)
     engine = Engine(torch.device("cpu"))
     first, second = data.tasks[:2]
-    method.task = first
-    method.before_task(first)
-    method.after_task(first, engine)  # memory and class means of task 0 (untrained network: enough here)
-    method.task = second
-    method.before_task(second)
+    method.begin_task(first)
+    method.end_task(first, engine.infer)  # memory and class means of task 0 (untrained network: enough here)
+    method.begin_task(second)
     snapshot = {k: v.clone() for k, v in method.network.state_dict().items()}
     subset = data.dataset("train", data.indices("train", range(second.total))[::8])  # old and new classes
     losses = run_stage(method, engine, second, "train", subset, data=lambda: subset,
@@ -125,15 +123,13 @@ def test_stages_train_what_they_should(name):
     assert method.network.backbone.conv1[0].weight.requires_grad  # trainable again after the stage
 
 
-def test_checkpoint_restores_by_replaying_before_task():
+def test_checkpoint_restores_by_replaying_begin_task():
     method, data = _method("podnet")
     for task in data.tasks[:2]:
-        method.task = task
-        method.before_task(task)
+        method.begin_task(task)
     restored, _ = _method("podnet")
     for task in data.tasks[:2]:
-        restored.task = task
-        restored.before_task(task)
+        restored.begin_task(task)
     restored.load_state_dict(method.state_dict())
     x = torch.randn(3, 3, 8, 8)
     method.eval(), restored.eval()

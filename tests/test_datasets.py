@@ -259,7 +259,7 @@ def test_medmnist_any_size_and_v1_name(tmp_path):
 
 
 def test_mymedmnist_shuffles_whole_subsets_by_seed(tmp_path):
-    from utils.config import load_config
+    from trainer.config_loader import load_config
     from datasets.scenario import DataManager
     from methods import method_config
 

@@ -71,11 +71,12 @@ def test_two_processes_give_the_single_process_accuracy_matrix(method, ddp_runs,
     import torch
 
     import main
+    from trainer.results import read_results
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank
     try:
-        single = main.main(argv(method, tmp_path))
+        single = read_results(main.main(argv(method, tmp_path)))
     finally:
         torch.set_num_threads(threads)
     folder = run_folder(ddp_runs, method)

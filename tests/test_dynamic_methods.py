@@ -13,12 +13,14 @@ from torch import nn
 from backbone.adapters import MERGED, Adapter, AdapterNet, merge_vectors
 from conftest import ROOT, TINY, run_stage
 from methods import build_method, method_config
-from utils import checkpoint
-from utils.config import load_config, parse_cli_overrides
+from trainer.results import read_results
+from trainer import checkpoint
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
 from datasets.scenario import DataManager
-from utils.flops import inference_cost
+from trainer.flops import inference_cost
 from utils.registry import UserError
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 from utils.types import OptimConfig
 
 
@@ -30,13 +32,12 @@ def make_method(name, *overrides):
 
 
 def add_tasks(method, n_tasks, seed=0):
-    """Run before_task for the next `n_tasks` tasks, giving every new adapter distinct random weights and BN
+    """Run begin_task for the next `n_tasks` tasks, giving every new adapter distinct random weights and BN
     statistics (as training would), and merge like DynaMMo does after each task."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(n_tasks):
         task = method.data.tasks[0 if method.task is None else method.task.index + 1]
-        method.task = task
-        method.before_task(task)
+        method.begin_task(task)
         if isinstance(method.network, AdapterNet):
             with torch.no_grad():
                 for point in method.network.adapters:
@@ -51,15 +52,15 @@ def add_tasks(method, n_tasks, seed=0):
 
 def test_adapter_shapes_and_parameter_count_resnet18():
     net = AdapterNet(build_backbone("resnet18"), ["layer1", "layer2", "layer3", "layer4"], img_size=64)
-    net.add_task(10)
+    net.expand_head(net.n_classes + 10)
     assert net.channels == [64, 64, 128, 256]
     per_point = [sum(p.numel() for p in point[0].parameters()) for point in net.adapters]
     assert per_point == [18 * c * c + 6 * c + 1 for c in net.channels] == [74113, 74113, 295681, 1181185]
     assert sum(per_point) == 1_625_092
     x = torch.randn(2, 64, 7, 9)
     assert Adapter(64)(x).shape == x.shape
-    net.add_task(10)
-    assert net.eval()(torch.randn(3, 3, 64, 64), [0, 1]).shape == (2, 3, 512)
+    net.expand_head(net.n_classes + 10)
+    assert net.eval().forward_paths(torch.randn(3, 3, 64, 64), [0, 1]).shape == (2, 3, 512)
     assert [h.out_features for h in net.heads] == [11, 11]
 
 
@@ -147,7 +148,7 @@ def test_adapter_net_merges_the_whole_adapter_set_of_each_task(strategy, lam, al
     generator = torch.Generator().manual_seed(3)
     thetas = []
     for t in range(3):
-        net.add_task(2)
+        net.expand_head(net.n_classes + 2)
         values = []
         with torch.no_grad():
             for point in (0, 1):
@@ -174,8 +175,7 @@ def test_adapter_net_merges_the_whole_adapter_set_of_each_task(strategy, lam, al
 def test_adapter_init_first_copies_the_first_tasks_adapters():
     method = add_tasks(make_method("acl", "--adapter_init", "first"), 2)
     task = method.data.tasks[2]
-    method.task = task
-    method.before_task(task)
+    method.begin_task(task)
     for point in method.network.adapters:
         assert torch.equal(point[2].conv.weight, point[0].conv.weight)
         assert not torch.equal(point[2].conv.weight, point[1].conv.weight)
@@ -218,7 +218,7 @@ def test_acl_routes_to_the_head_with_the_lowest_others_probability():
         x = torch.randn(6, 3, 16, 16)
         scores = method.predict(x)
         saturated = method.predict(100 * x)  # every class probability of some heads underflows
-        probs = [torch.softmax(z, 1) for z in method.head_logits(method.network(x, [0, 1, 2]))]
+        probs = [torch.softmax(z, 1) for z in method.head_logits(method.network.forward_paths(x, [0, 1, 2]))]
     others = torch.stack([p[:, -1] for p in probs], 1)
     assert torch.equal(scores["task_id"], others.argmin(1))
     pred = scores["cnn"].argmax(1)
@@ -264,9 +264,8 @@ def test_checkpoint_restores_every_adapter_head_and_branch(name):
     method.memory.exemplars = {0: np.arange(3), 1: np.arange(5, 9)}
     state, extra = method.state_dict(), method.extra_state()
     restored = make_method(name)
-    for task in restored.data.tasks[:2]:  # the documented restore: replay before_task, then load
-        restored.task = task
-        restored.before_task(task)
+    for task in restored.data.tasks[:2]:  # the documented restore: replay begin_task, then load
+        restored.begin_task(task)
     restored.load_state_dict(state)
     restored.load_extra_state(extra)
     restored.eval()
@@ -290,8 +289,8 @@ def test_acl_and_dynammo_of_one_seed_share_their_task_adapters(tmp_path):
     for name, extra in (("acl", []), ("dynammo", ["--recalibrate_bn", "true", "--merge_strategy", "ties",
                                                     "--finetune_merged", "true"])):
         root = tmp_path / name
-        results[name] = main.main(["--config", os.path.join(ROOT, "options", name, "digits.yaml"), *args, *extra,
-                                   "--log_root", str(root)])
+        results[name] = read_results(main.main(["--config", os.path.join(ROOT, "options", name, "digits.yaml"),
+                                                *args, *extra, "--log_root", str(root)]))
         states[name] = checkpoint.load(glob.glob(str(root / "**" / "seed1_latest.pt"), recursive=True)[0])["method"]
     adapters = [k for k in states["acl"] if k.startswith("network.adapters.")]
     assert len(adapters) == 3 * 3 * 15  # 3 points x 3 tasks x (9 parameters + 2 x 3 BN buffers)

@@ -2,7 +2,7 @@
 import torch
 from torch.utils.data import TensorDataset
 
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 
 
 def test_inference_draws_nothing_from_the_global_rng():
@@ -34,7 +34,8 @@ from torchvision.transforms import functional as TF  # noqa: E402
 from datasets._augment import Brightness, RandomCrop, RandomHorizontalFlip, batched  # noqa: E402
 from datasets.base import CLDataset, Pool, PoolView  # noqa: E402
 from utils.memory import FeatureCache  # noqa: E402
-from utils.train_loop import NonFiniteLoss, epoch_key  # noqa: E402
+from trainer.engine.batches import epoch_key  # noqa: E402
+from trainer.engine.engine import NonFiniteLoss  # noqa: E402
 from utils.types import OptimConfig, Stage, Task  # noqa: E402
 
 
@@ -168,7 +169,7 @@ def test_feature_cache_computes_each_position_once():
 
 def test_bfloat16_autocast_only_where_native_and_losses_stay_float32():
     from utils.losses import bounded_ce
-    from utils.train_loop import bf16_native
+    from trainer.engine.fastpath import bf16_native
 
     assert Engine(torch.device("cpu"), amp=True).amp == bf16_native(torch.device("cpu"))
     assert not Engine(torch.device("cpu"), amp=False).amp

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from methods import build_method, method_config
-from utils.config import load_config
+from trainer.config_loader import load_config
 from datasets.scenario import DataManager
-from utils.flops import inference_cost
+from trainer.flops import inference_cost
 
 
 def _method(backbone):
@@ -14,8 +14,7 @@ def _method(backbone):
                       method_config)
     data = DataManager(cfg, seed=1)
     method = build_method(cfg, data)
-    method.task = data.tasks[0]
-    method.before_task(data.tasks[0])
+    method.begin_task(data.tasks[0])
     return method
 
 

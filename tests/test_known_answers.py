@@ -18,9 +18,10 @@ from torch import nn
 from conftest import ROOT, known_answer
 from datasets.scenario import DataManager
 from methods import METHODS, build_method, method_config
-from utils.config import load_config, parse_cli_overrides
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
 from utils.registry import UserError
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 from utils.types import Action, OptimConfig, Stage
 
 # digits at the native 8 px, 2 classes per task, the identity class order: class c belongs to task c // 2
@@ -38,8 +39,7 @@ def build(method, *overrides):
 
 
 def start(method, index):
-    method.task = method.data.tasks[index]
-    method.before_task(method.task)
+    method.begin_task(method.data.tasks[index])
     return method.task
 
 
@@ -190,8 +190,8 @@ def test_icarl_class_means_are_normalised_means_of_normalised_exemplar_features(
     method = build("icarl", "--memory_size", "20")
     task = start(method, 0)
     perturb(method.network, seed=1)
-    engine = Engine(torch.device("cpu"))
-    method.after_task(task, engine)
+    engine = Engine(torch.device("cpu"), amp=False)  # float32: the means are compared at 1e-5
+    method.end_task(task, engine.infer)
     assert [len(v) for v in method.memory.exemplars.values()] == [10, 10]
     method.eval()
     for c in (0, 1):
@@ -405,14 +405,14 @@ def test_ucir_losses_ce_less_forget_and_margin_ranking():
 
 
 class _FixedFeatures:
-    """An engine stand-in whose features(network, dataset) are hand-made: row i belongs to dataset sample i."""
+    """An inference stand-in whose features of a dataset are hand-made: row i belongs to dataset sample i."""
 
     def __init__(self, features):
-        self.features_ = features
+        self.features = features
 
-    def features(self, network, dataset):
-        assert len(dataset) == len(self.features_)
-        return self.features_
+    def __call__(self, fn, dataset, module, batch_size=256, whole=False):
+        assert len(dataset) == len(self.features)
+        return self.features, torch.as_tensor(dataset.targets)
 
 
 @known_answer("ucir")
@@ -599,7 +599,8 @@ def test_der_plus_plus_stores_the_logits_computed_before_the_step():
         before = method.network(x)["logits"]
     batch = torch.utils.data.TensorDataset(x, y, pos)  # (x, y, train-pool position), as train_data yields
     opt = OptimConfig(epochs=1, lrate=0.5, batch_size=16)
-    Engine(torch.device("cpu")).fit(method, task, Stage("train", lambda: batch, opt, method.training_step))
+    engine = Engine(torch.device("cpu"), amp=False)  # float32: the stored logits are compared at 1e-4
+    engine.fit(method, task, Stage("train", lambda: batch, opt, method.training_step))
     assert len(method.memory) == 16
     slot_of = {p: s for s, p in enumerate(method.memory.index[:16].tolist())}
     stored = method.memory.logits[[slot_of[p] for p in pos.tolist()]]
@@ -623,7 +624,7 @@ def test_gem_ce_and_memory_gradients_are_the_gradients_of_each_past_tasks_memory
     method, task = _gem_with_memories()
     engine = Engine(torch.device("cpu"))
     new = method.data.dataset("train", positions(method, [4, 5], 4))
-    stage, = method.stages(task, new, engine)
+    stage, = method.stages(task, new, engine.infer)
     stage.data()  # loads the past tasks' memories
     x, y = samples(method, [4, 5], 4)
     method.train()
@@ -655,7 +656,7 @@ def test_gem_applied_update_never_opposes_a_past_tasks_memory_gradient():
 
     method.before_optimizer_step = record_and_project
     new = method.data.dataset("train", positions(method, [4, 5], 24))
-    stage, = method.stages(task, new, engine)
+    stage, = method.stages(task, new, engine.infer)
     engine.fit(method, task, Stage("train", stage.data, stage.optim.replace(epochs=1, batch_size=8), stage.step))
     assert len(steps) == 6 and any(conflicts)  # learning the new classes does conflict with the old memories
     after = [s[0] for s in steps[1:]] + [flat()]
@@ -697,11 +698,11 @@ def test_acl_stage_one_is_others_ce_of_the_new_tasks_head_on_its_own_adapters():
     x, y = samples(method, range(4))
     method.train()
     losses = method.training_step(x, y)
-    z = method.network.heads[1](method.network(x, [1])[0])
+    z = method.network.heads[1](method.network.forward_paths(x, [1])[0])
     target = torch.where(y >= 2, y - 2, torch.full_like(y, 2))
     close(losses["ce"], ce(z, target, 0, 3))
     heads = method.heads_step(x, y)
-    features = method.network(x, [0, 1])
+    features = method.network.forward_paths(x, [0, 1])
     per_head = [ce(method.network.heads[0](features[0]), torch.where(y < 2, y, torch.full_like(y, 2)), 0, 3),
                 ce(method.network.heads[1](features[1]), target, 0, 3)]
     close(heads["heads_ce"], (per_head[0] + per_head[1]) / 2)
@@ -717,7 +718,7 @@ def test_acl_routes_each_sample_to_the_head_least_sure_it_is_another_tasks():
             head.weight.mul_(0.2)
             head.bias.copy_(torch.tensor(bias))
         scores = method.predict(x)
-        features = method.network(x, [0, 1, 2])
+        features = method.network.forward_paths(x, [0, 1, 2])
         task_id, expected = _routing_by_hand([h(f) for h, f in zip(method.network.heads, features)])
     assert torch.equal(scores["task_id"], task_id)
     torch.testing.assert_close(scores["cnn"].double(), expected, atol=1e-5, rtol=1e-5)
@@ -749,7 +750,7 @@ def test_dynammo_merges_the_task_adapters_into_their_mean_and_predicts_through_i
     method.eval()
     with torch.no_grad():
         scores = method.predict(x)
-        f = net(x, ["merged"])[0]
+        f = net.forward_paths(x, ["merged"])[0]
         task_id, expected = _routing_by_hand([h(f) for h in net.heads])
     assert torch.equal(scores["task_id"], task_id)
     torch.testing.assert_close(scores["cnn"].double(), expected, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from utils import checkpoint
+from trainer import checkpoint
 from utils.registry import UserError
-from utils.train_loop import Engine, Hook
+from trainer.engine.engine import Engine
+from trainer.engine.hooks import Hook
 from utils.types import Action, OptimConfig, Stage, Task
 
 TASK = Task(0, 0, 2, 1)
@@ -238,7 +240,7 @@ def test_stages_and_actions_run_in_order_and_an_action_runs_once_without_gradien
 
 
 def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does():
-    from utils.checkpoint import rng_state
+    from trainer.checkpoint import rng_state
 
     torch.manual_seed(0)
     whole, log = Toy(), []
@@ -283,12 +285,6 @@ def test_infer_returns_every_output_in_dataset_order_with_the_targets():
     torch.testing.assert_close(out["neg"], -x)
     assert y.tolist() == (torch.arange(10) % 3).tolist()
 
-    class Net(nn.Module):
-        def forward(self, b):
-            return {"features": 3 * b, "logits": b}
-
-    torch.testing.assert_close(engine.features(Net(), ds), 3 * x)
-
 
 # ---- checkpoints ----
 def test_rng_state_round_trips_python_numpy_and_torch():
@@ -323,9 +319,14 @@ def test_checkpoint_hook_saves_every_n_epochs_with_the_position_and_optimiser_st
     from trainer.hooks import CheckpointHook
 
     saved = []
+
+    class Recording(CheckpointHook):
+        def save(self, position, **extra):
+            saved.append((position, extra))
+
     method = Toy()
     engine = Engine(torch.device("cpu"))
-    engine.register(CheckpointHook(2, lambda where, **extra: saved.append((where, extra))))
+    engine.register(Recording(SimpleNamespace(checkpoint_every=2), run_dir="unused"))
     opt = OptimConfig(epochs=5, lrate=0.1, batch_size=4, opt_mom=0.9, scheduler="cos")
     engine.fit(method, TASK, Stage("s", lambda: data(4), opt, lambda x, y, i: {"a": method.w.sum()}))
     assert [w for w, _ in saved] == [{"task": 0, "done": False, "stage": "s", "epoch": e} for e in (2, 4)]
@@ -337,14 +338,14 @@ def test_a_method_loads_class_means_of_another_shape_and_its_memory():
     from conftest import ROOT, TINY
     from datasets.scenario import DataManager
     from methods import build_method, method_config
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.cli import parse_overrides as parse_cli_overrides
+    from trainer.config_loader import load_config
 
     cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), parse_cli_overrides(TINY), method_config)
 
     def fresh():
         method = build_method(cfg, DataManager(cfg, seed=1))
-        method.task = method.data.tasks[0]
-        method.before_task(method.task)
+        method.begin_task(method.data.tasks[0])
         return method
 
     method = fresh()
@@ -401,7 +402,7 @@ def test_a_float64_run_trains_and_checkpoints_in_float64_and_restores_the_defaul
 
 @pytest.mark.parametrize("n, batch_size", [(70, 33), (43, 8), (64, 32)])
 def test_each_ranks_dataloader_batch_is_its_share_of_the_same_global_batch(n, batch_size):
-    from utils.train_loop import Batches, SeededSampler
+    from trainer.engine.batches import SeededSampler
 
     def batches(rank, world):
         sampler = SeededSampler(n, True, False, batch_size, False, rank, world)
@@ -409,7 +410,7 @@ def test_each_ranks_dataloader_batch_is_its_share_of_the_same_global_batch(n, ba
         return list(sampler)
 
     whole, ranks = batches(0, 1), [batches(r, 2) for r in range(2)]
-    assert [len(b) for b in whole] == Batches(Engine(torch.device("cpu")), range(n), batch_size, True).sizes()
+    assert [len(b) for b in whole] == Engine(torch.device("cpu")).batches(range(n), batch_size, True).sizes()
     assert len(ranks[0]) == len(ranks[1]) == len(whole)
     for step, batch in enumerate(whole):
         assert ranks[0][step] == batch[0::2] and ranks[1][step] == batch[1::2]
@@ -421,15 +422,16 @@ def test_the_run_seed_draws_the_initial_network_as_well_as_the_class_order():
     same network; another seed gives other weights."""
     from conftest import ROOT, TINY
     from methods import method_config
-    from trainer.task_loop import build
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.task_loop import SeedRun
+    from trainer.cli import parse_overrides as parse_cli_overrides
+    from trainer.config_loader import load_config
 
     cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), parse_cli_overrides(TINY), method_config)
 
     def initial(seed):
-        data, method, engine = build(cfg, seed, torch.device("cpu"))
-        method.before_task(data.tasks[0])
-        return data.class_order, method.network.state_dict(), engine.seed
+        run = SeedRun(cfg, seed, torch.device("cpu"))
+        run.method.begin_task(run.data.tasks[0])
+        return run.data.class_order, run.method.network.state_dict(), run.engine.seed
 
     order1, net1, engine1 = initial(1)
     torch.manual_seed(99)  # whatever the RNG was before, build reseeds it

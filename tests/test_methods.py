@@ -113,7 +113,8 @@ def test_memory_is_replayed_or_refused(method):
     then checks is replayed) or refuses memory_size > 0 in one line."""
     from datasets.scenario import DataManager
     from methods import build_method, method_config
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.cli import parse_overrides as parse_cli_overrides
+    from trainer.config_loader import load_config
     from utils.registry import UserError
 
     path = os.path.join(ROOT, "options", method, "digits.yaml")

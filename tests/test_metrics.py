@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from utils import metrics
+from trainer import metrics
 
 # A[i][j]: accuracy on task j after task i.
 ROWS = [[90.0], [70.0, 80.0], [60.0, 50.0, 100.0]]
@@ -153,7 +153,7 @@ def test_evaluation_scores_per_task_old_new_and_task_id():
     import torch
 
     from trainer.evaluation import evaluate
-    from utils.train_loop import Engine
+    from trainer.engine.engine import Engine
 
     data = _Data()
     y = data.test_y[:16]  # after task 1: classes 0..3
@@ -181,7 +181,7 @@ def test_openset_scores_rank_seen_classes_above_later_ones():
     import torch
 
     from trainer.evaluation import openset_scores
-    from utils.train_loop import Engine
+    from trainer.engine.engine import Engine
 
     data = _Data()
     confident = np.where(data.test_y[:, None] < 4, 0.9, 0.2) * np.ones((1, 4))  # known: classes 0..3

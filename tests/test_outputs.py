@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main
 from conftest import ROOT, TINY
-from utils import checkpoint, summarize
+from trainer import checkpoint, summarize
 
 DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
 

@@ -15,11 +15,13 @@ from backbone.resnet_cifar import ResNet32
 from conftest import ROOT, known_answer
 from datasets.scenario import DataManager
 from methods import METHODS, build_method, method_config
-from utils.config import load_config, parse_cli_overrides
+from trainer.results import read_results
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
 from utils.losses import info_nce, simsiam_loss
 from utils.registry import UserError
-from utils.seed import set_seed
-from utils.train_loop import Engine
+from trainer.seed import set_seed
+from trainer.engine.engine import Engine
 
 
 # ---- the losses, recomputed from the papers' formulas ----
@@ -68,7 +70,7 @@ def make(name, *overrides):
     set_seed(1)
     data = DataManager(cfg, seed=1, single_task=True)
     method = build_method(cfg, data)
-    method.task = data.tasks[0]
+    method.begin_task(data.tasks[0])
     return method, data
 
 
@@ -106,7 +108,7 @@ def test_the_loss_falls(mode):
     engine, log = Engine(torch.device("cpu")), LossLog()
     engine.register(log)
     task = data.tasks[0]
-    stage = method.stages(task, None, engine)[0]
+    stage = method.stages(task, None, engine.infer)[0]
     views = method.two_view_data(task)
     held = [views[(i, i)] for i in range(128, 192)]  # fixed draws of 64 images the training never sees
     x1, x2 = torch.stack([v[0] for v in held]), torch.stack([v[1] for v in held])
@@ -158,7 +160,7 @@ def test_a_linear_probe_on_the_pretrained_features_beats_a_random_backbone():
     random_backbone = build_backbone("resnet32")
     engine = Engine(torch.device("cpu"))
     task = data.tasks[0]
-    stage = method.stages(task, None, engine)[0]
+    stage = method.stages(task, None, engine.infer)[0]
     subset = torch.utils.data.Subset(method.two_view_data(task), np.arange(512))
     engine.fit(method, task, dataclasses.replace(stage, data=lambda: subset, optim=stage.optim.replace(epochs=6)))
     torch.manual_seed(1)
@@ -175,12 +177,11 @@ def pretrained_file(tmp_path_factory):
     import main
 
     tmp = tmp_path_factory.mktemp("pretrain")
-    results = main.main(["--config", os.path.join(ROOT, "options", "contrastive_pretrain", "digits.yaml"),
+    run_dir = main.main(["--config", os.path.join(ROOT, "options", "contrastive_pretrain", "digits.yaml"),
                          "--device", "cpu", "--seed", "1", "--epochs", "1",
                          "--save_path", str(tmp / "out" / "{mode}_{dataset}_{backbone}_s{seed}.pth"),
                          "--log_root", str(tmp / "logs")])
-    (run_dir,) = {os.path.dirname(p) for p in glob.glob(str(tmp / "logs" / "**" / "results.json"), recursive=True)}
-    return results, run_dir, str(tmp / "out" / "moco_v2_digits_resnet32_s1.pth")
+    return read_results(run_dir), run_dir, str(tmp / "out" / "moco_v2_digits_resnet32_s1.pth")
 
 
 def test_the_run_writes_the_backbone_and_reports_a_feature_accuracy(pretrained_file):
@@ -215,8 +216,7 @@ def test_the_file_loads_into_every_method(name, pretrained_file):
     cfg = load_config(os.path.join(ROOT, "options", name, "digits.yaml"), parse_cli_overrides(argv), method_config)
     data = DataManager(cfg, seed=1, single_task=METHODS.meta(name)["method_type"] == "single_step")
     method = build_method(cfg, data)
-    method.task = data.tasks[0]
-    method.before_task(data.tasks[0])  # DER builds its first branch here
+    method.begin_task(data.tasks[0])  # DER builds its first branch here
     backbones = [m for m in method.modules() if isinstance(m, ResNet32)]
     assert backbones, name
     for backbone in backbones:

@@ -11,11 +11,12 @@ from backbone.prompt import PromptPool, concat_prefixes
 from backbone.vit import PromptedViT, prompted_vit_net
 from datasets.scenario import DataManager
 from methods import build_method, method_config
-from utils.config import load_config, parse_cli_overrides
-from utils.flops import inference_cost
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
+from trainer.flops import inference_cost
 from utils.losses import bounded_ce, key_matching_loss, orthogonality_penalty
 from utils.registry import UserError
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 from utils.types import OptimConfig, Stage
 
 METHODS = ("l2p", "dual_prompt", "coda_prompt")
@@ -33,8 +34,7 @@ def build(method, *overrides):
 
 
 def start_task(method, index):
-    method.task = method.data.tasks[index]
-    method.before_task(method.task)
+    method.begin_task(method.data.tasks[index])
 
 
 def train_step(method, n=16):
@@ -161,7 +161,7 @@ def test_checkpoint_restores_prompts_and_keys(name):
     start_task(method, 1)
     state = method.state_dict()
     restored = build(name)
-    torch.manual_seed(123)  # the replayed before_task draws different fresh components; loading overwrites them
+    torch.manual_seed(123)  # the replayed begin_task draws different fresh components; loading overwrites them
     for index in (0, 1):
         start_task(restored, index)
     restored.load_state_dict(state)

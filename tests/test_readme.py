@@ -1,4 +1,4 @@
-"""Every command the README shows works as written: each `python main.py ...` (and `python -m utils.summarize`,
+"""Every command the README shows works as written: each `python main.py ...` (and `python -m trainer.summarize`,
 `python -m datasets.check`) command is taken from README.md and run in process, in README order, in one scratch
 folder that sees the repository's options/ (so a command may read what an earlier one wrote under a relative
 path, such as a pretrained backbone).
@@ -23,14 +23,15 @@ from datasets import DATASETS
 from datasets import check as dataset_check
 from datasets.scenario import data_root
 from methods import method_config
-from utils import report, summarize
-from utils.config import load_config, parse_cli_overrides
+from trainer import cli, report, summarize
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
 from utils.registry import UserError
 
 README = os.path.join(ROOT, "README.md")
 TINY = {"--epochs": ["1"], "--init_epochs": ["1"], "--img_size": ["8"], "--device": ["cpu"], "--seed": ["1"]}
 DIGITS_TINY = {"--init_cls": ["5"], "--increment": ["5"]}
-MODULES = ("utils.summarize", "datasets.check")
+MODULES = ("trainer.summarize", "datasets.check")
 
 
 def readme_commands() -> list[str]:
@@ -86,8 +87,8 @@ def _without_own(argv: list[str]) -> list[str]:
     for a in argv:
         if skip:
             skip = False
-        elif a in main.OWN:
-            skip = main.OWN[a] == 1
+        elif a in cli.OWN:
+            skip = cli.OWN[a] == 1
         else:
             out.append(a)
     return out
@@ -115,7 +116,7 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
         if "<run>" not in command and tuple(argv) in seen:
             continue  # a template that, filled in, is a command already run
         seen.add(tuple(argv))
-        if command.startswith("python -m utils.summarize"):
+        if command.startswith("python -m trainer.summarize"):
             rows = summarize.main(argv)
             assert rows, f"{command}: no finished run listed"
             ran.append(command)

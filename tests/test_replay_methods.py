@@ -13,11 +13,12 @@ from methods import build_method, method_config
 from methods.multi_steps.bic import balanced_split
 from methods.multi_steps.gem import gem_project
 from methods.multi_steps.wa import align_weights
-from utils.config import load_config, parse_cli_overrides
+from trainer.cli import parse_overrides as parse_cli_overrides
+from trainer.config_loader import load_config
 from utils.losses import bounded_ce, class_task_bounds, kd_loss
 from utils.memory import reservoir_slots
 from utils.registry import UserError
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 from utils.types import OptimConfig
 
 
@@ -69,8 +70,7 @@ def test_weight_aligning_equalises_mean_norms():
 def test_wa_clips_the_head_to_non_negative_weights():
     method, data = build("wa")
     task = data.tasks[0]
-    method.task = task
-    method.before_task(task)
+    method.begin_task(task)
     x = torch.stack([data.dataset("train", [i])[0][0] for i in range(4)])
     method.training_step(x, torch.zeros(4, dtype=torch.long))
     assert float(method.network.fc.weight.detach().min()) >= 0.0
@@ -79,8 +79,7 @@ def test_wa_clips_the_head_to_non_negative_weights():
 def test_bic_bias_stage_trains_only_the_newest_alpha_beta():
     method, data = build("bic")
     for task in data.tasks:
-        method.task = task
-        method.before_task(task)
+        method.begin_task(task)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     engine = Engine(torch.device("cpu"))
     subset = data.dataset("train", data.indices("train", range(data.tasks[-1].total))[::20])
@@ -118,8 +117,7 @@ def test_gem_projection_leaves_no_memory_gradient_conflicting():
 def test_der_buffer_round_trips_through_a_checkpoint():
     method, data = build("dark_er")
     task = data.tasks[0]
-    method.task = task
-    method.before_task(task)
+    method.begin_task(task)
     new = method.train_data(task, data.dataset("train", data.indices("train", task.classes)))
     for start in (0, 16):
         batch = torch.utils.data.default_collate([new[i] for i in range(start, start + 16)])
@@ -127,8 +125,7 @@ def test_der_buffer_round_trips_through_a_checkpoint():
     assert len(method.memory) == 32 and float(method.memory.logits[:32].abs().sum()) > 0
     assert np.isin(method.memory.index[:32].numpy(), data.indices("train", task.classes)).all()
     restored, _ = build("dark_er")
-    restored.task = task
-    restored.before_task(task)
+    restored.begin_task(task)
     restored.load_state_dict(method.state_dict())
     restored.load_extra_state(method.extra_state())
     assert len(restored.memory) == 32

@@ -9,7 +9,7 @@ import pytest
 
 import main
 from conftest import ROOT, TINY
-from utils import checkpoint
+from trainer import checkpoint
 
 STAGES = [("bic", "train"), ("bic", "bias"), ("acl", "adapters"), ("acl", "heads"), ("dynammo", "adapters"),
           ("dynammo", "heads"), ("dynamic_er", "train"), ("dynamic_er", "balance"), ("ucir", "train"),

@@ -21,10 +21,12 @@ from datasets import DATASETS
 from datasets import check as dataset_check
 from trainer import guards, task_loop
 from methods import METHODS, method_config
-from utils import checkpoint, report, safe_pickle
-from utils.config import GlobalConfig, declared_fields, load_config
+from trainer import checkpoint, report
+from trainer.config_loader import load_config
+from utils import safe_pickle
+from utils.config import GlobalConfig, declared_fields
 from utils.registry import UserError
-from utils.train_loop import Engine
+from trainer.engine.engine import Engine
 
 DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
 TINY = ["--device", "cpu", "--seed", "1", "--epochs", "1", "--init_epochs", "1", "--init_cls", "5", "--increment",
@@ -188,10 +190,10 @@ def test_the_save_check_names_where_the_model_diverged():
     naming the task, stage and epoch; so is one with a non-finite buffer."""
     cfg = load_config(DIGITS, {"device": "cpu", "seed": [1], "img_size": 8, "init_cls": 5, "increment": 5},
                       method_config)
-    data, method, engine = task_loop.build(cfg, 1, torch.device("cpu"))
+    run = task_loop.SeedRun(cfg, 1, torch.device("cpu"))
+    data, method, engine = run.data, run.method, run.engine
     for task in data.tasks:
-        method.task = task
-        method.before_task(task)
+        method.begin_task(task)
     where = {"task": 1, "done": False, "stage": "train", "epoch": 3}
     guards.check_finite(method, engine, data, where)  # a sound model passes
     with torch.no_grad():
@@ -332,7 +334,7 @@ def test_resume_before_task_0_finished_keeps_config_yaml(finished, tmp_path, mon
     def started(*args, **kwargs):
         raise _Started
 
-    monkeypatch.setattr(task_loop, "run_seed", started)  # config.yaml is written, if at all, before the seeds run
+    monkeypatch.setattr(task_loop.SeedRun, "train", started)  # config.yaml is written, if at all, before training
     with pytest.raises(_Started):
         main.main(["--checkpoint_dir", run_dir, "--device", "cpu", "--num_workers", "0"])
     assert files(run_dir)["config.yaml"] == config

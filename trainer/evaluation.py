@@ -3,17 +3,11 @@ seen classes, per task and old/new), task-id accuracy for routing methods, the i
 scores. One `Engine.infer` pass serves every classifier."""
 from __future__ import annotations
 
-import logging
-import os
-
 import numpy as np
 import torch
 
 from trainer.guards import refuse_non_finite
-from utils import distributed
-from utils.metrics import score, task_scores
-
-log = logging.getLogger("cl")
+from trainer.metrics import score, task_scores
 
 
 def evaluate(method, engine, data, task, cfg) -> dict:
@@ -61,9 +55,9 @@ def openset_scores(method, engine, data, task) -> dict | None:
             "ap": 100 * average_precision_score(known, confidence)}
 
 
-def task_entry(method, engine, data, task, cfg, run_dir: str, seed: int, cost) -> dict:
-    """The results.json entry of a task: every classifier, inference cost (`cost`, a utils.flops.InferenceCost),
-    open-set scores, prediction records."""
+def task_entry(method, engine, data, task, cfg, cost) -> tuple[dict, dict | None]:
+    """The results.json entry of a task (every classifier, inference cost (`cost`, a trainer.flops.InferenceCost),
+    open-set scores), and, with `save_pred_record`, the test targets and each classifier's predictions."""
     result = evaluate(method, engine, data, task, cfg)
     gflops, params = cost(method, data.img_size, engine.device)
     main = result[method.record]
@@ -75,18 +69,10 @@ def task_entry(method, engine, data, task, cfg, run_dir: str, seed: int, cost) -
         entry["task_id_acc"] = result["task_id_acc"]
     if cfg.openset_test:
         entry["openset"] = openset_scores(method, engine, data, task)
-    if cfg.save_pred_record and distributed.is_main():
-        np.savez(os.path.join(run_dir, f"pred_record_seed{seed}_task{task.index}.npz"), targets=result["targets"],
-                 **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)})
-    log.info(f"task {task.index}: {cfg.eval_metric} {main['acc']:.2f} (per task "
-             f"{', '.join(f'{a:.1f}' for a in main['acc_per_task'])}; old {_pct(main['old_acc'])} new "
-             f"{_pct(main['new_acc'])})" + (f" nme {entry['nme_acc']:.2f}" if entry["nme_acc"] is not None else "")
-             + f" | {gflops:.4f} GFLOPs, {params / 1e6:.3f} M params")
-    return entry
-
-
-def _pct(v: float) -> str:
-    return "-" if np.isnan(v) else f"{v:.2f}"
+    predictions = None
+    if cfg.save_pred_record:
+        predictions = {"targets": result["targets"], **{k: v["pred"] for k, v in result.items() if isinstance(v, dict)}}
+    return entry, predictions
 
 
 def _or_none(v: float) -> float | None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from trainer.engine.engine import NonFiniteLoss, first_non_finite
 from utils.memory import ExemplarMemory
+from utils.modes import eval_mode
 from utils.precision import upcast
 from utils.registry import UserError
-from utils.train_loop import NonFiniteLoss, first_non_finite
 
 
 def refuse_non_finite(scores: dict, when: str) -> None:
@@ -55,14 +56,8 @@ def check_finite(method, engine, data, position: dict) -> None:
 @torch.no_grad()
 def _predict(method, engine, x: torch.Tensor) -> dict:
     """`method.predict` on one batch in eval mode (modes restored; no worker processes, no RNG drawn)."""
-    modes = [(m, m.training) for m in method.modules()]
-    method.eval()
-    try:
-        with engine.autocast():
-            return {k: upcast(v) for k, v in method.predict(engine.to_device(x)).items()}
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(method), engine.autocast():
+        return {k: upcast(v) for k, v in method.predict(engine.to_device(x)).items()}
 
 
 def _where(position: dict) -> str:

@@ -1,7 +1,8 @@
-"""What a run writes: its folder, config.yaml, results.json (written only by `ResultsFile`), results.csv and
-plots, and the lock that keeps a second process out of a run folder. results.json is rewritten atomically (a
-temporary file of a unique name, fsynced, renamed) after every task, so an interrupted run keeps what it
-measured; its `summary` (mean and std over the finished seeds) is written when the run ends."""
+"""What a run writes: its folder (`RunFolder`), config.yaml, results.json (written only by `ResultsFile`, read
+back only by `read_results`), results.csv and plots, and the lock that keeps a second process out of a run
+folder. results.json is rewritten atomically (a temporary file of a unique name, fsynced, renamed) after every
+task, so an interrupted run keeps what it measured; its `summary` (mean and std over the finished seeds) is
+written when the run ends."""
 from __future__ import annotations
 
 import datetime
@@ -19,10 +20,12 @@ import yaml
 
 from datasets import DATASETS
 from datasets.scenario import task_sizes
-from utils import distributed, report
-from utils.checkpoint import atomic_write
-from utils.config import check_folder_name
-from utils.metrics import mean_std, summarize
+from trainer import checkpoint, report
+from trainer.checkpoint import atomic_write
+from trainer.config_loader import check_folder_name
+from trainer.log import close_logging, setup_logging
+from trainer.metrics import mean_std, summarize
+from utils import distributed
 from utils.registry import UserError
 
 log = logging.getLogger("cl")
@@ -159,3 +162,77 @@ class ResultsFile:
     def _content(self, runs: list[dict], summary_: dict) -> dict:
         return {"config": self.cfg.to_dict(), "class_order": {str(r["seed"]): r["class_order"] for r in runs},
                 "runs": runs, "summary": summary_}
+
+
+def read_results(run_dir: str, name: str = "results") -> dict | None:
+    """<run folder>/<name>.json (None when there is none yet), checked to be what `ResultsFile` writes."""
+    path = os.path.join(run_dir, f"{name}.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        runs = content["runs"]
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("seed"), int)
+                                                 and isinstance(r.get("tasks"), list) for r in runs):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"'{path}' is corrupt; remove it to resume from the checkpoints") from None
+    return content
+
+
+def is_finished(run_dir: str, cfg) -> bool:
+    """Whether every seed of the run in `run_dir` has a complete record."""
+    content = read_results(run_dir)
+    if content is None:
+        return False
+    return {r["seed"] for r in content["runs"] if r.get("complete")} >= set(cfg.seed)
+
+
+class RunFolder:
+    """The folder of a run and what lives as long as the run: its lock, its log and its results.json.
+
+    A new run's folder is created only when `open` is first called, i.e. once the first seed to run is built
+    and validated (config, dataset, backbone, method): nothing is written before. A resumed run's folder is
+    locked at once, before results.json is read (another process may be rewriting it), and its config.yaml is
+    never rewritten. Only rank 0 of a distributed run writes; every rank learns the folder's name."""
+
+    def __init__(self, cfg, log_root: str = "logs", path: str | None = None):
+        self.cfg, self.log_root, self.path = cfg, log_root, path
+        self.resuming = path is not None
+        self.lock = RunLock(path) if self.resuming and distributed.is_main() else None
+        self.seen = read_results(path) if self.resuming else None  # what an earlier part of the run recorded
+        self.results: ResultsFile | None = None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        close_logging()
+        if self.lock is not None:
+            self.lock.release()
+
+    def seeds_to_run(self) -> list[int]:
+        """The run's seeds that have no complete record yet."""
+        done = {r["seed"] for r in (self.seen or {}).get("runs", []) if r.get("complete")}
+        return [s for s in self.cfg.seed if s not in done]
+
+    def open(self, device) -> None:
+        """Create (a new run) and lock the folder, write config.yaml, start run.log, and begin results.json with
+        the seeds an earlier part of the run finished; nothing after the first call."""
+        if self.results is not None:
+            return
+        main = distributed.is_main()
+        if not self.resuming:
+            self.path = distributed.broadcast(run_folder(self.cfg, self.log_root) if main else None)
+            self.lock = RunLock(self.path) if main else None
+            if main:
+                write_config(self.cfg, os.path.join(self.path, "config.yaml"))
+        setup_logging(os.path.join(self.path, "run.log"), quiet=not main)
+        if main:
+            os.makedirs(checkpoint.folder(self.path), exist_ok=True)
+        self.results = ResultsFile(self.path, self.cfg, runs=[r for r in (self.seen or {}).get("runs", [])
+                                                              if r.get("complete")])
+        cfg = self.cfg
+        log.info(f"run folder {self.path} | method {cfg.method}, dataset {cfg.dataset}, backbone {cfg.backbone}, "
+                 f"device {device}" + (" | resuming" if self.resuming else ""))

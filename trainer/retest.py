@@ -1,11 +1,11 @@
 """Re-testing a finished run: reload the model saved after each task and evaluate it again, into
 results_retest.json beside results.json.
 
-Every checkpoint is checked before it is used (trainer/resume.py: written by this run's config for this seed at
-the end of that task, and its state fits the method). Each task entry says whether it was re-tested
-(`retested: true`) or keeps the recorded numbers (`retested: false`: no checkpoint of it, e.g. with
-`save_models: false`); each seed's record lists `retested_tasks`. When no task of any seed can be re-tested, the
-command fails instead of printing the old numbers."""
+Every checkpoint is checked before it is used (written by this run's config for this seed at the end of that
+task, trainer/checkpoint.py; its state fits the method, `Method.load_checkpoint_state`). Each task entry says
+whether it was re-tested (`retested: true`) or keeps the recorded numbers (`retested: false`: no checkpoint of
+it, e.g. with `save_models: false`); each seed's record lists `retested_tasks`. When no task of any seed can be
+re-tested, the command fails instead of printing the old numbers. Prediction records are not rewritten."""
 from __future__ import annotations
 
 import logging
@@ -13,39 +13,36 @@ import os
 
 import torch
 
+from trainer import checkpoint
 from trainer.evaluation import task_entry
-from trainer.resume import load_method, read_checkpoint, read_results
-from trainer.results import ResultsFile, RunLock, add_task
-from trainer.task_loop import build
-from utils import checkpoint, distributed
-from utils.flops import InferenceCost
-from utils.logging import close_logging, setup_logging
+from trainer.hooks import log_task
+from trainer.log import setup_logging
+from trainer.results import ResultsFile, RunFolder, add_task
+from trainer.resume import load_method
+from trainer.task_loop import SeedRun
+from utils import distributed
 from utils.registry import UserError
 
 log = logging.getLogger("cl")
 
 
-def retest(cfg, device: torch.device, run_dir: str) -> dict:
-    lock = RunLock(run_dir) if distributed.is_main() else None
-    try:
-        saved = read_results(run_dir)
-        saved_runs = {r["seed"]: r for r in saved["runs"]}
-        found = {seed: _checkpoints(run_dir, seed, saved_runs[seed]) for seed in cfg.seed}
+def retest(cfg, device: torch.device, run_dir: str) -> str:
+    """Re-test the finished run in `run_dir`; returns the folder (which now also holds results_retest.json)."""
+    with RunFolder(cfg, path=run_dir) as folder:  # locked before results.json is read
+        if folder.seen is None:
+            raise UserError(f"nothing to re-test in {run_dir}: it holds no results.json")
+        saved = {r["seed"]: r for r in folder.seen["runs"]}
+        found = {seed: _checkpoints(run_dir, seed, saved[seed]) for seed in cfg.seed}
         if not any(p for paths in found.values() for p in paths.values()):
             raise UserError(f"nothing to re-test in {run_dir}: no checkpoint of any task is left in "
                             f"{checkpoint.folder(run_dir)}")
         setup_logging(os.path.join(run_dir, "run.log"), quiet=not distributed.is_main())
-        try:
-            log.info(f"re-testing the finished run in {run_dir} on {device}")
-            results = ResultsFile(run_dir, cfg, name="results_retest")
-            for seed in cfg.seed:
-                results.runs.append(_retest_seed(cfg, seed, device, run_dir, saved_runs[seed], found[seed]))
-            return results.finish()
-        finally:
-            close_logging()
-    finally:
-        if lock is not None:
-            lock.release()
+        log.info(f"re-testing the finished run in {run_dir} on {device}")
+        results = ResultsFile(run_dir, cfg, name="results_retest")
+        for seed in cfg.seed:
+            results.runs.append(_retest_seed(cfg, seed, device, run_dir, saved[seed], found[seed]))
+        results.finish()
+        return run_dir
 
 
 def _checkpoints(run_dir: str, seed: int, saved: dict) -> dict[int, str | None]:
@@ -59,24 +56,23 @@ def _checkpoints(run_dir: str, seed: int, saved: dict) -> dict[int, str | None]:
 
 
 def _retest_seed(cfg, seed: int, device, run_dir: str, saved: dict, paths: dict[int, str | None]) -> dict:
-    data, method, engine = build(cfg, seed, device)
-    cost = InferenceCost()
+    run = SeedRun(cfg, seed, device)
+    data, method = run.data, run.method
     if len(saved["tasks"]) != len(data.tasks) or saved.get("class_order") != data.class_order:
         raise UserError(f"results.json of {run_dir} does not match its config.yaml for seed {seed} (tasks or class "
                         "order differ); it was not written by this run")
     record = {"seed": seed, "class_order": data.class_order, "tasks": []}
     retested = []
     for task in data.tasks:
-        method.task = task
-        method.before_task(task)
+        method.begin_task(task)
         path = paths[task.index]
         if path is not None:
-            state = read_checkpoint(path, cfg, run_dir, seed, len(data.tasks), task=task.index)
-            load_method(method, state, device, path, task)
-            entry = dict(task_entry(method, engine, data, task, cfg, run_dir, seed, cost), retested=True)
+            load_method(method, checkpoint.read(path, cfg, run_dir, seed, len(data.tasks), task=task.index), device)
+            entry = dict(task_entry(method, run.engine, data, task, cfg, run.cost)[0], retested=True)
             retested.append(task.index)
         else:
             entry = dict(saved["tasks"][task.index], retested=False)
+        log_task(entry, cfg.eval_metric)
         add_task(record, entry)
     record["complete"] = True
     record["retested_tasks"] = retested

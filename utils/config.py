@@ -1,37 +1,27 @@
-"""Declared, typed configuration: the original's YAML schema, loaded strictly.
+"""The configuration schema: every global key a run understands (`GlobalConfig`), how a key is declared (`key`,
+with its help, its choices or its valid numeric range), and the resolved, read-only `Config` every layer reads.
 
-A config file has up to three sections (the original's schema):
+Each method declares its own keys the same way, in a frozen dataclass registered beside it (`register_method(...,
+config=...)`); a method key may not shadow a global key. A config file has up to three sections (the original's
+schema):
 
     basic:   {run, dataset, method, memory keys}
     special: {the method's own hyper-parameters}
     options: {<dataset>: {<backbone>: {training hyper-parameters}}}
 
-Precedence: command line > special > options[dataset][backbone] > basic > declared default. The options block
-is chosen with the dataset/backbone *after* command-line overrides (the original chose it before them).
-
-Every key is declared: the global keys below, and each method's own keys in a dataclass registered beside the
-method. An unknown key, a wrong type or a missing required key raises `UserError` naming the file, the key and
-the closest valid key. A numeric key may declare its valid range (`key(0.1, "...", range="(0, inf)")`, shown by
---help); a value outside it is an error naming where it came from. Keys of the original that we do not support
-raise an error that says why.
+Reading files and the command line into a `Config` (precedence, types, ranges, one-line errors) is
+trainer/config_loader.py; `python main.py --help` prints every key.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
-
-from utils.registry import UserError, closest
-
-SECTIONS = ("basic", "special", "options")
 NO_DEFAULT = object()
 
 
@@ -93,7 +83,7 @@ SEED_RANGE = "[0, 4294967295]"
 POSITIVE, NON_NEGATIVE = "[1, inf)", "[0, inf)"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GlobalConfig:
     """Keys every run understands (the original's names and meanings)."""
 
@@ -191,17 +181,50 @@ DROPPED = {
 RUNTIME_KEYS = ("device", "num_workers")
 
 
-class Config(types.SimpleNamespace):
-    """The resolved configuration: read-only attribute access to every key (global and method)."""
+class Config:
+    """The resolved configuration of a run, read-only: the global keys (a `GlobalConfig`) and the method's own
+    keys (an instance of the dataclass it registered, or None), read as one flat namespace: `cfg.lrate`, `cfg.T`.
+    A method key never shadows a global one (refused when the method registers)."""
+
+    __slots__ = ("common", "own")
+
+    def __init__(self, common: GlobalConfig, own=None):
+        object.__setattr__(self, "common", common)
+        object.__setattr__(self, "own", own)
+
+    def __getattr__(self, name: str):
+        if not name.startswith("__"):
+            for part in (object.__getattribute__(self, "own"), object.__getattribute__(self, "common")):
+                if part is not None and name in part.__dataclass_fields__:
+                    return getattr(part, name)
+        raise AttributeError(f"no config key '{name}'")
 
     def __setattr__(self, name, value):
         raise AttributeError("the config is read-only; compute derived values locally")
 
+    def __getstate__(self):
+        return self.common, self.own
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "common", state[0])
+        object.__setattr__(self, "own", state[1])
+
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        """Every key and its value: the global keys, then the method's."""
+        parts = [p for p in (self.common, self.own) if p is not None]
+        return {f.name: getattr(p, f.name) for p in parts for f in dataclasses.fields(p)}
 
     def replace(self, **changes) -> "Config":
-        return Config(**{**vars(self), **changes})
+        """A copy with some keys changed (their types are not checked again)."""
+        unknown = [k for k in changes if k not in self.to_dict()]
+        if unknown:
+            raise AttributeError(f"no config key '{unknown[0]}'")
+
+        def part(p):
+            return None if p is None else dataclasses.replace(
+                p, **{k: v for k, v in changes.items() if k in p.__dataclass_fields__})
+
+        return Config(part(self.common), part(self.own))
 
 
 def declared_fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -223,270 +246,3 @@ def declared_fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
     return fields
 
 
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp, where: str, name: str) -> Any:
-    """Check `value` against the annotation `tp` (int, float, bool, str, list[...], Optional[...])."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return coerce(value, next(a for a in args if a is not type(None)), where, name)
-    if origin is list:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        return [coerce(v, args[0], where, name) for v in items]
-    if isinstance(value, (list, tuple)):
-        if where == "command line":
-            stray = " ".join(map(str, value[1:]))
-            raise UserError(f"command line: --{name} takes one value, got {len(value)}: "
-                            f"{' '.join(map(str, value))} (is '{stray}' a stray argument?)")
-        raise UserError(f"{where}: key '{name}' takes one value ({_type_name(tp)}), got a list {list(value)!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, str)) and str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-            return str(value).lower() in ("true", "1", "yes")
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-3 as a string
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise UserError(f"{where}: key '{name}' must be {_type_name(tp)}, got {value!r}")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (plain YAML lets the last one silently win)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:  # the mapping's own keys; merged ones (<<: *anchor) may be overridden
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            name = self.construct_object(key_node, deep=deep)
-            duplicate = name in seen
-            seen.add(name)
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{name}'", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: str) -> dict:
-    if os.path.isdir(path):
-        raise UserError(f"config file '{path}' is a folder; give a .yaml file such as "
-                        "options/finetune_il/digits.yaml")
-    if not os.path.exists(path):
-        raise UserError(f"config file '{path}' does not exist")
-    if not os.path.isfile(path):
-        raise UserError(f"config file '{path}' is not a regular file; give a .yaml file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as err:
-        raise UserError(f"config file '{path}' cannot be read: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not a UTF-8 text file (byte 0x{raw[err.start]:02x} at offset {err.start}); save "
-                        "the config as UTF-8") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None)
-        if problem and problem.startswith("duplicate key"):
-            raise UserError(f"{path}: {problem}{line}; each key may appear once per section") from None
-        raise UserError(f"{path}: malformed YAML{line}" + (f" ({problem})" if problem else "")) from None
-    if data is None:
-        raise UserError(f"{path}: the config file is empty")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    for section in data:
-        if section not in SECTIONS:
-            raise UserError(f"{path}: unknown section '{section}'{closest(section, SECTIONS)}; "
-                            f"sections are {', '.join(SECTIONS)}")
-        if data[section] is not None and not isinstance(data[section], dict):
-            raise UserError(f"{path}: section '{section}' must be a mapping")
-    for section in ("basic", "special"):
-        for name in data.get(section) or {}:
-            if not isinstance(name, str):
-                raise UserError(f"{path}: key {name!r} under {section}: is not a name")
-    return {s: data.get(s) or {} for s in SECTIONS}
-
-
-def parse_cli_overrides(tokens: list[str]) -> dict[str, Any]:
-    """`--key v` or `--key v1 v2 ...` pairs; each value is read as YAML (false, 1e-3, [30, 60])."""
-    overrides: dict[str, Any] = {}
-    name = None
-    for token in tokens:
-        if token.startswith("--") and len(token) > 2 and not _is_number(token):
-            name, _, inline = token[2:].partition("=")
-            overrides[name] = []  # a key given again replaces its earlier value (appended overrides win)
-            if inline:
-                overrides[name].append(inline)
-        elif name is None:
-            raise UserError(f"unexpected argument '{token}' on the command line; keys are given as --key value")
-        else:
-            overrides[name].append(token)
-    parsed = {}
-    for name, values in overrides.items():
-        if not values:
-            raise UserError(f"command line: --{name} needs a value")
-        items = [_yaml_scalar(v) for v in values]
-        parsed[name] = items[0] if len(items) == 1 else items
-    return parsed
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
-
-
-def _yaml_scalar(text: str) -> Any:
-    if not text.strip() or any(ord(c) < 32 for c in text):
-        return text  # kept as typed: YAML would read an empty value as null and fold a newline into a space
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def load_config(path: str | None, cli: dict[str, Any], method_keys=None) -> Config:
-    """Resolve the config from a YAML file and command-line overrides.
-
-    `method_keys(name)` returns the method's config dataclass (None when it has none); it is looked up after
-    the method name is known, so each method's keys are only valid for that method.
-    """
-    sections = _read_yaml(path) if path else {s: {} for s in SECTIONS}
-    where = path or "command line"
-    basic, special = sections["basic"], sections["special"]
-
-    def pick(name):
-        for layer in (cli, special, basic):
-            if layer.get(name) is not None:
-                return layer[name]
-        return None
-
-    method = pick("method")
-    if method is None:
-        raise UserError(f"{where}: missing required key 'method' (under basic:)")
-    method_cls = method_keys(str(method)) if method_keys else None
-    fields = {**declared_fields(GlobalConfig), **declared_fields(method_cls)}
-
-    dataset, backbone = pick("dataset"), pick("backbone")
-    options = sections["options"]
-    block = {}
-    if options:
-        by_dataset = options.get(dataset)
-        if not isinstance(by_dataset, dict) or not isinstance(by_dataset.get(backbone), dict):
-            available = [f"{d}/{b}" for d, v in options.items() if isinstance(v, dict) for b in v]
-            raise UserError(f"{where}: options has no block for dataset '{dataset}' and backbone '{backbone}'; "
-                            f"blocks: {', '.join(available) or 'none'}")
-        block = by_dataset[backbone]
-
-    values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    layers = ((basic, f"{where} (basic)"), (block, f"{where} (options.{dataset}.{backbone})"),
-              (special, f"{where} (special)"), (cli, "command line"))
-    for layer, origin in layers:
-        for name, value in layer.items():
-            if name in DROPPED:
-                raise UserError(f"{origin}: key '{name}' is not supported: {DROPPED[name]}")
-            if name not in fields:
-                raise UserError(f"{origin}: unknown key '{name}'{closest(name, fields)} for method '{method}'; "
-                                "python main.py --help lists the keys")
-            values[name] = coerce(value, fields[name][1], origin, name)
-            origins[name] = origin
-
-    resolved = {}
-    for name, (f, _) in fields.items():
-        if name in values:
-            value = values[name]
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
-        else:
-            value = f.default_factory()
-        origin = origins.get(name, where)
-        if value is None and f.metadata.get("required"):
-            raise UserError(f"{where}: missing required key '{name}'")
-        choices = f.metadata.get("choices")
-        if choices and value is not None and value not in choices:
-            raise UserError(f"{origin}: key '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}"
-                            f"{closest(value, choices)}")
-        valid = f.metadata.get("range")
-        if valid is not None and value is not None:
-            for item in value if isinstance(value, list) else [value]:
-                if item not in valid:
-                    raise UserError(f"{origin}: key '{name}' {valid.describe()}, got {item!r}")
-        resolved[name] = value
-    _check(resolved, where)
-    return Config(**resolved)
-
-
-def check_folder_name(name: str, what: str) -> None:
-    """`name` must be a plain folder name: not empty, no path separator, not '.' or '..', no control characters
-    (so a run folder named by it stays inside the folder it is created in)."""
-    problem = None
-    if not name or not name.strip():
-        problem = "is empty"
-    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        problem = "contains a path separator"
-    elif name in (".", ".."):
-        problem = "is not a folder name"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "contains a control character"
-    elif len(name.encode("utf-8", "surrogateescape")) > 200:
-        problem = "is longer than 200 bytes"
-    if problem:
-        raise UserError(f"{what} {name!r} {problem}; it names the run folder and must be a plain folder name "
-                        "such as 'lr0.1_run2'")
-
-
-def _check(cfg: dict, where: str) -> None:
-    """Cross-field checks that need no dataset (class counts are checked by the DataManager); single keys are
-    checked against their declared range above."""
-    if not cfg["seed"]:
-        raise UserError(f"{where}: give at least one seed")
-    repeated = sorted({s for s in cfg["seed"] if cfg["seed"].count(s) > 1})
-    if repeated:
-        raise UserError(f"{where}: seed {repeated[0]} is given twice; each seed is a separate run")
-    if cfg["note"] is not None:
-        check_folder_name(cfg["note"], f"{where}: note")
-
-
-def help_text(method_configs: dict[str, Any]) -> str:
-    """Every key with its type, default and meaning: the global keys, then each method's own."""
-
-    def table(cls):
-        rows = []
-        for f, tp in declared_fields(cls).values():
-            default = "required" if f.metadata.get("required") else (
-                f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            choices, valid = f.metadata.get("choices"), f.metadata.get("range")
-            extra = f" [{'|'.join(map(str, choices))}]" if choices else (f" (range {valid})" if valid else "")
-            rows.append(f"  --{f.name:<20} {_type_name(tp):<14} default {default!s:<12} {f.metadata.get('help', '')}{extra}")
-        return rows
-
-    lines = ["global keys (any of them in the YAML or as --key value):"] + table(GlobalConfig)
-    for name, cls in sorted(method_configs.items()):
-        if cls is not None:
-            lines += ["", f"keys of method '{name}':"] + table(cls)
-    return "\n".join(lines)

@@ -4,8 +4,8 @@ identity, so single-process code pays nothing.
 
 A run is distributed when launched by `torchrun` (or `--device 0,1`, which launches it through
 torch.distributed.run): NCCL on CUDA, gloo on CPU. Every rank holds the whole method and the same RNG streams;
-only the data of a training batch and of an inference pass is split between ranks (utils/train_loop.py), and
-what a method computes outside the gradient step sees the gathered, full results, so it is the same everywhere.
+only the data of a training batch and of an inference pass is split between ranks (trainer/engine/), and what
+a method computes outside the gradient step sees the gathered, full results, so it is the same everywhere.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import threading
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 #: how long a collective waits for a rank that stopped answering before the survivors give up
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("CL_DIST_TIMEOUT", "300")))
@@ -86,7 +85,7 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 def gather_batch(t: torch.Tensor) -> torch.Tensor:
     """The whole global training batch from every rank's share of it, in the batch's order: the engine gives
-    rank r the rows r, r + world, r + 2 world, ... of each global batch (utils/train_loop.py `shard`)."""
+    rank r the rows r, r + world, r + 2 world, ... of each global batch (trainer/engine/batches.py `shard`)."""
     if not active():
         return t
     parts = gather_cat(t)
@@ -102,7 +101,7 @@ def replicated():
     """Inside the block every rank feeds the network the same whole batch (GEM's memory gradients, DER++'s replay
     batches), so synchronised batch norm normalises each rank's batch by itself: the statistics would be the
     same, but counted `world` times (the running variance's n / (n - 1) would become wn / (wn - 1))."""
-    before = getattr(_replicated, "on", False)
+    before = replicating()
     _replicated.on = True
     try:
         yield
@@ -110,39 +109,6 @@ def replicated():
         _replicated.on = before
 
 
-class _SyncBatchNorm(nn.BatchNorm2d):
-    """Batch norm whose training statistics are those of the global batch (every rank's samples), through a
-    differentiable all-reduce of the per-channel count, sum and sum of squares: what torch's SyncBatchNorm does
-    (on CUDA only), on any device and backend, and local inside `replicated()`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and active()) or getattr(_replicated, "on", False):
-            return super().forward(x)
-        from torch.distributed import _functional_collectives as collectives  # differentiable all_reduce
-
-        stats = torch.cat([x.new_full((1,), x.numel() / x.shape[1]), x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
-        count, total, squares = collectives.all_reduce(stats, "sum", dist.group.WORLD).split([1, x.shape[1],
-                                                                                                x.shape[1]])
-        mean = total / count
-        var = squares / count - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean, momentum)
-            self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
-
-
-def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d of `module` normalising with global-batch statistics."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = _SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats).to(child.running_mean.device)
-            synced.load_state_dict(child.state_dict())
-            synced.requires_grad_(any(p.requires_grad for p in child.parameters()))
-            setattr(module, name, synced.train(child.training))
-        else:
-            sync_batchnorm(child)
-    return module
+def replicating() -> bool:
+    """Whether this thread is inside `replicated()`."""
+    return getattr(_replicated, "on", False)

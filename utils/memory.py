@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from utils.precision import upcast
+from utils.registry import InvalidState
 
 
 def herding(features: torch.Tensor, m: int) -> np.ndarray:
@@ -149,8 +150,21 @@ class ExemplarMemory:
     def state_dict(self) -> dict:
         return {"exemplars": {int(c): torch.as_tensor(v) for c, v in self.exemplars.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.exemplars = {int(c): v.numpy() for c, v in state["exemplars"].items()}
+    def load_state_dict(self, state: dict, seen: int | None = None, pool: int | None = None) -> None:
+        """Load a saved `state_dict()`, after checking that it is one: integer train-pool positions (inside a pool
+        of `pool` samples) of classes 0..seen-1. Raises InvalidState otherwise, and then loads nothing."""
+        exemplars = state.get("exemplars") if isinstance(state, dict) else None
+        if not isinstance(exemplars, dict):
+            raise InvalidState("holds a memory without exemplars")
+        for c, positions in exemplars.items():
+            if not isinstance(c, (int, np.integer)) or (seen is not None and not 0 <= int(c) < seen):
+                raise InvalidState(f"holds exemplars of class {c!r}, but only classes 0..{seen - 1} are seen by then")
+            if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.is_floating_point() \
+                    or positions.dtype == torch.bool:
+                raise InvalidState(f"holds exemplars of class {c} that are not a list of train-pool positions")
+            if pool is not None and len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= pool):
+                raise InvalidState(f"holds exemplars of class {c} outside the train pool (0..{pool - 1})")
+        self.exemplars = {int(c): v.numpy() for c, v in exemplars.items()}
 
 
 def reservoir_slots(n_seen: int, batch: int, size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,11 @@ class UserError(Exception):
     """An error caused by the user's input: main.py prints it as one line and exits non-zero."""
 
 
+class InvalidState(UserError):
+    """Saved state (a checkpoint's) that does not fit what should load it; the message says what is wrong, the
+    reader adds which file it came from."""
+
+
 def closest(name: str, choices) -> str:
     """A ' (did you mean X?)' suffix for the closest of `choices`, or '' when nothing is close."""
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)

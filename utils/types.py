@@ -1,9 +1,10 @@
-"""The small types every layer shares: a task, a stage of a task's training and its optimiser settings.
+"""The small types every layer shares: a task, a stage of a task's training and its optimiser settings, and the
+inference pass a method may ask the engine for.
 
 They import nothing of the project, so datasets, backbones, methods and the trainer can all use them.
 
 A method describes how it trains on a task as a list of `Stage`s and `Action`s (`Method.stages`); the engine
-(`utils.train_loop.Engine`) runs them in order, checkpoints by stage name and epoch, and resumes there:
+(`trainer.engine.engine.Engine`) runs them in order, checkpoints by stage name and epoch, and resumes there:
 - a `Stage` trains for `optim.epochs` epochs: `step(x, y, ...)` returns named losses on each batch of `data()`,
   and only the parameters of `trains()` learn (default: every parameter that requires grad);
 - an `Action` is a one-off change of the weights between two stages, run once with no gradient (DynaMMo's
@@ -14,7 +15,7 @@ stages learnt; it must not depend on anything its own stage changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,14 @@ class Action:
 
     name: str
     run: Callable[[], None]
+
+
+class Inference(Protocol):
+    """What a method may ask of the engine (its `infer`): run `fn(x)` -> a tensor or a dict of tensors over every
+    sample of `dataset` in order, without gradients and with `module` in eval mode (modes restored after);
+    returns the outputs, concatenated on the CPU, and the targets. In a distributed run each process runs its
+    share and every process gets every output; `whole=True` runs every sample on every process (a pass with side
+    effects, such as re-estimating BN statistics)."""
+
+    def __call__(self, fn: Callable, dataset: Any, module: Any, batch_size: int = 256,
+                 whole: bool = False) -> tuple[Any, Any]: ...

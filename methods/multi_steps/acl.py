@@ -75,29 +75,26 @@ class ACL(Method):
             raise UserError(f"{cfg.method} classifies with its task heads; set apply_nme: false")
 
     def build_network(self):
-        return AdapterNet(self.make_backbone(), self.cfg.layer_names, self.data.img_size, merged=self.merge_adapters)
+        return AdapterNet(self.make_backbone(), self.cfg.layer_names, self.data.img_size, merged=self.merge_adapters,
+                          adapter_init=self.cfg.adapter_init)
 
     def before_task(self, task):
-        self.network.requires_grad_(False)
-        self.network.add_task(task.total - task.known, self.cfg.adapter_init)  # new adapters and head train
-        if task.is_first and not (self.cfg.pretrained or self.cfg.freeze_fe):
-            self.network.backbone.requires_grad_(True)
+        """The network has grown the task's adapters and head (earlier ones frozen); the backbone learns only
+        with the first task's adapters, and only when it is not pretrained."""
+        self.network.freeze_backbone(not task.is_first or self.cfg.pretrained)
 
-    def stages(self, task, new_data, engine):
-        balanced = functools.cache(lambda: None if task.is_first else self.memory.balanced_indices(
-            task, self.data, self.newest_features(engine)))
+    def stages(self, task, new_data, infer):
+        balanced = functools.cache(lambda: None if task.is_first else self.balanced_indices(task, infer))
         stages = [Stage("adapters", lambda: self.train_data(task, new_data),
                         OptimConfig.from_config(self.cfg, task.is_first), self.training_step),
-                  *self.consolidation(balanced, engine)]
+                  *self.consolidation(balanced, infer)]
         if task.is_first:
             return stages
-        opt = OptimConfig.from_config(self.cfg, first_task=False).replace(
-            epochs=self.cfg.epochs_finetune, lrate=self.cfg.lrate_finetune, opt_type="adam", weight_decay=0.0,
-            scheduler="multi_step", milestones=tuple(self.cfg.milestones_finetune))
-        return [*stages, Stage("heads", lambda: self.data.dataset("train", balanced()), opt, self.heads_step,
-                               trains=self.heads_stage_trains)]
+        return [*stages, self.balanced_stage("heads", lambda: self.data.dataset("train", balanced()), self.heads_step,
+                                             self.heads_stage_trains, opt_type="adam", weight_decay=0.0,
+                                             scheduler="multi_step")]
 
-    def consolidation(self, balanced, engine) -> list:
+    def consolidation(self, balanced, infer) -> list:
         """Actions between the adapter and the head stage: none for ACL (DynaMMo merges the adapters here)."""
         return []
 
@@ -112,12 +109,12 @@ class ACL(Method):
     def heads_stage_features(self, x):
         """The features stage 2 trains the heads on: every path, the adapters frozen."""
         with torch.no_grad():
-            return self.network(x, self.paths())
+            return self.network.forward_paths(x, self.paths())
 
     def training_step(self, x, y):
-        """Stage 1: the new task's adapters and head, memory samples labelled "others"."""
-        features = self.network(x, [self.task.index])[0]
-        return {"ce": others_cross_entropy(self.network.heads[-1](features), y, self.task.known, self.task.total)}
+        """Stage 1: the new task's adapters and head (the network's newest path), memory samples labelled
+        "others"."""
+        return {"ce": others_cross_entropy(self.network(x)["logits"], y, self.task.known, self.task.total)}
 
     def heads_step(self, x, y):
         """Stage 2: every task head on the class-balanced set (the adapters frozen, except DynaMMo's merged ones
@@ -127,11 +124,8 @@ class ACL(Method):
                                                                                   self.data.tasks)]
         return {"heads_ce": torch.stack(losses).mean()}
 
-    def after_task(self, task, engine):
-        self.memory.update(task.classes, task.total, self.data, self.newest_features(engine))
-
     def predict(self, x):
-        logits = [upcast(z) for z in self.head_logits(self.network(x, self.paths()))]
+        logits = [upcast(z) for z in self.head_logits(self.network.forward_paths(x, self.paths()))]
         others = torch.stack([F.softmax(z, dim=1)[:, -1] for z in logits], 1)
         # (1 - u_i) * p_c / max_c p_c with p_c / max p = exp(z_c - max z): no 0 / 0 when every class probability
         # underflows next to a certain "others"
@@ -147,8 +141,3 @@ class ACL(Method):
     def head_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Head i on path i's features, or on the single shared path's."""
         return [head(features[i if len(features) > 1 else 0]) for i, head in enumerate(self.network.heads)]
-
-    def newest_features(self, engine):
-        """features_of(positions) through the newest task's adapters (exemplar and balanced-set selection)."""
-        newest = self.network.n_tasks - 1
-        return self.features_of(engine, lambda x: self.network(x, [newest])[0])

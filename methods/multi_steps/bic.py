@@ -72,10 +72,9 @@ class BiC(Method):
     network_class = BiasCorrectedNet
 
     def before_task(self, task):
-        super().before_task(task)
         self.network.bias_layers.requires_grad_(False)  # only the bias stage trains (the newest) one
 
-    def stages(self, task, new_data, engine):
+    def stages(self, task, new_data, infer):
         opt = OptimConfig.from_config(self.cfg, task.is_first)
         if task.is_first:  # nothing to correct yet
             return [Stage("train", lambda: new_data, opt, self.training_step)]
@@ -95,12 +94,11 @@ class BiC(Method):
         logits = logits[:, : self.task.total]
         return weighted_kd_losses(self.ce(logits, y), logits, old_logits, self.cfg.T)
 
-    def after_task(self, task, engine):
+    def after_task(self, task, infer):
         if not task.is_first:
             layer = self.network.bias_layers[-1]
             log.info(f"task {task.index}: bias correction of the new classes' logits: alpha {float(layer.alpha):.4f}, "
                      f"beta {float(layer.beta):.4f}")
-        super().after_task(task, engine)
 
     def bias_step(self, x, y):
         """Stage 2: fit the newest task's (alpha, beta) on the held-out set, the network frozen."""

@@ -57,7 +57,6 @@ class CodaPrompt(Method):
                                      vit.embed_dim)
 
     def before_task(self, task):
-        super().before_task(task)
         start, end = (self.cfg.prompt_pool * t // task.n_tasks for t in (task.index, task.index + 1))
         self.prompt.add_components(end - start)
 

@@ -56,8 +56,12 @@ class DarkER(Method):
             raise UserError("dark_er fills its buffer by reservoir sampling: set sampling_method: reservoir")
         return ReservoirBuffer(self.cfg.memory_size, self.data.n_classes) if self.cfg.memory_size > 0 else None
 
-    def before_task(self, task):
-        self.network.expand_head(self.data.n_classes)
+    def build_network(self):
+        """The head covers every class of the dataset from the start, as in the paper (so the network does not
+        grow with the tasks)."""
+        network = super().build_network()
+        network.expand_head(self.data.n_classes)
+        return network
 
     def train_data(self, task, new_data):
         return new_data.with_positions()  # the buffer stores train-pool positions
@@ -75,9 +79,6 @@ class DarkER(Method):
         # every rank adds the whole global batch in its order, so the buffers of a distributed run stay identical
         self.memory.add(distributed.gather_batch(position), distributed.gather_batch(logits.detach()))
         return losses
-
-    def after_task(self, task, engine):
-        """Nothing to select: the buffer was filled during training."""
 
     def _ce(self, logits, y):
         """CE over every class of the dataset (the head covers them all from the start), or within the task (til)."""

@@ -37,7 +37,6 @@ from methods.base import BalancedStageConfig, Method
 from utils.config import key
 from utils.losses import others_cross_entropy
 from utils.precision import upcast
-from utils.types import OptimConfig, Stage
 
 
 @dataclass
@@ -57,22 +56,18 @@ class DER(Method):
         self.balanced_fc: nn.Linear | None = None
 
     def before_task(self, task):
-        self.network.add_task(task.known, task.total, None if task.is_first else self.network.fc)
-        if self.cfg.freeze_fe:
-            self.network.freeze_backbone()
+        """The network has grown the task's extractor and classifier; the fresh classifier of stage 2."""
         if not task.is_first:
             fc = self.network.fc
             self.balanced_fc = nn.Linear(fc.in_features, fc.out_features).to(fc.weight.device).requires_grad_(False)
 
-    def stages(self, task, new_data, engine):
-        stages = super().stages(task, new_data, engine)
+    def stages(self, task, new_data, infer):
+        stages = super().stages(task, new_data, infer)
         if task.is_first:
             return stages
-        opt = OptimConfig.from_config(self.cfg, first_task=False).replace(
-            epochs=self.cfg.epochs_finetune, lrate=self.cfg.lrate_finetune, opt_type="sgd", opt_mom=0.9,
-            nesterov=False, weight_decay=0.0, scheduler="multi_step", milestones=tuple(self.cfg.milestones_finetune))
-        return [*stages, Stage("balance", lambda: self.balanced_set(task, engine), opt, self.balance_step,
-                               trains=lambda: [self.balanced_fc])]
+        return [*stages, self.balanced_stage("balance", lambda: self.balanced_set(task, infer), self.balance_step,
+                                             lambda: [self.balanced_fc], opt_type="sgd", opt_mom=0.9, nesterov=False,
+                                             weight_decay=0.0, scheduler="multi_step")]
 
     def training_step(self, x, y):
         out = self.network(x)
@@ -84,11 +79,11 @@ class DER(Method):
     def balance_step(self, x, y):
         """Stage 2: the fresh classifier on the frozen features of the class-balanced set."""
         with torch.no_grad():
-            features = self.network(x)["features"]
+            features = self.network.features(x)
         return {"balanced_ce": F.cross_entropy(upcast(self.balanced_fc(features)) / self.cfg.T, y)}
 
-    def after_task(self, task, engine):
+    def after_task(self, task, infer):
+        """The re-balanced classifier replaces the network's (the memory is then updated on its features)."""
         if self.balanced_fc is not None:
             with torch.no_grad():
                 self.network.fc.load_state_dict(self.balanced_fc.state_dict())
-        super().after_task(task, engine)

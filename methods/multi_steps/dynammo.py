@@ -82,18 +82,18 @@ class DynaMMoConfig(ACLConfig):
 class DynaMMo(ACL):
     merge_adapters = True
 
-    def consolidation(self, balanced, engine):
-        return [Action("merge", lambda: self.merge(balanced(), engine))]
+    def consolidation(self, balanced, infer):
+        return [Action("merge", lambda: self.merge(balanced(), infer))]
 
-    def merge(self, balanced, engine) -> None:
+    def merge(self, balanced, infer) -> None:
         """Merge the task adapters into the merged set (and re-estimate its BN statistics on the balanced set)."""
         cfg = self.cfg
         lam = DEFAULT_LAMBDA[cfg.merge_strategy] if cfg.merge_lambda is None else cfg.merge_lambda
         self.network.merge(cfg.merge_strategy, lam, cfg.ties_keep, cfg.alpha_merge)
         if cfg.recalibrate_bn and balanced is not None:
             with bn_recalibration(self.network.merged):
-                engine.infer(self._calibration_pass, self.data.dataset("train", balanced, augment=False), self.network,
-                             whole=True)  # every rank re-estimates the same statistics
+                infer(self._calibration_pass, self.data.dataset("train", balanced, augment=False), self.network,
+                      whole=True)  # every rank re-estimates the same statistics
 
     def paths(self):
         """One pass through the merged adapters, whatever the number of tasks."""
@@ -104,9 +104,9 @@ class DynaMMo(ACL):
 
     def heads_stage_features(self, x):
         if self.cfg.finetune_merged:
-            return self.network(x, [MERGED])
+            return self.network.forward_paths(x, [MERGED])
         return super().heads_stage_features(x)
 
     def _calibration_pass(self, x):
         self.network.merged.train()  # batch statistics feed the running averages
-        return self.network(x, [MERGED])[0]
+        return self.network.forward_paths(x, [MERGED])[0]

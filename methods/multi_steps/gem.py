@@ -76,7 +76,7 @@ class GEM(Method):
         self.task_memories: list[tuple[torch.Tensor, torch.Tensor]] = []  # per past task, loaded per task
         self.memory_grads: torch.Tensor | None = None  # (past tasks, P) of the current step
 
-    def stages(self, task, new_data, engine):
+    def stages(self, task, new_data, infer):
         def new_data_and_memories():
             """The stage trains on the new data only; the past tasks' memories are loaded beside it (without
             augmentation, through the inference loop) for the constraints."""
@@ -84,7 +84,7 @@ class GEM(Method):
             self.task_memories = []
             for past in self.data.tasks[: task.index]:
                 indices = np.concatenate([self.memory.exemplars[c] for c in past.classes])
-                images, labels = engine.infer(lambda x: x, self.data.dataset("train", indices, augment=False), self)
+                images, labels = infer(lambda x: x, self.data.dataset("train", indices, augment=False), self)
                 self.task_memories.append((images.to(device), labels.to(device)))
             return new_data
 
@@ -108,9 +108,8 @@ class GEM(Method):
                 p.grad = new.view_as(p).clone()
         self.memory_grads = None
 
-    def after_task(self, task, engine):
+    def after_task(self, task, infer):
         self.task_memories = []
-        super().after_task(task, engine)
 
     def _params(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -37,7 +37,7 @@ from methods.base import BalancedStageConfig, Method
 from utils.config import key
 from utils.losses import feature_distillation, margin_ranking_loss
 from utils.precision import upcast
-from utils.types import Action, OptimConfig, Stage
+from utils.types import Action
 
 
 @dataclass
@@ -59,18 +59,14 @@ class UCIR(Method):
     def build_network(self):
         return self.cosine_network()
 
-    def stages(self, task, new_data, engine):
-        stages = super().stages(task, new_data, engine)
+    def stages(self, task, new_data, infer):
+        stages = super().stages(task, new_data, infer)
         if not task.is_first and self.cfg.imprint:
-            stages = [Action("imprint", lambda: self.imprint(task, engine)), *stages]
+            stages = [Action("imprint", lambda: self.imprint(task, infer)), *stages]
         if task.is_first or self.cfg.epochs_finetune == 0:
             return stages
-        opt = OptimConfig.from_config(self.cfg, first_task=False).replace(
-            epochs=self.cfg.epochs_finetune, lrate=self.cfg.lrate_finetune,
-            milestones=tuple(self.cfg.milestones_finetune),
-            scheduler="multi_step" if self.cfg.milestones_finetune else "cos")
-        return [*stages, Stage("balanced", lambda: self.balanced_set(task, engine), opt, self.balanced_step,
-                               trains=lambda: [self.network.head])]
+        return [*stages, self.balanced_stage("balanced", lambda: self.balanced_set(task, infer), self.balanced_step,
+                                             lambda: [self.network.head])]
 
     def training_step(self, x, y):
         out = self.network(x)
@@ -88,11 +84,11 @@ class UCIR(Method):
         the frozen feature extractor keeps its BN statistics)."""
         return self.classification(self.network(x), y)
 
-    def imprint(self, task, engine) -> None:
+    def imprint(self, task, infer) -> None:
         """Imprint the new classes' weights (the head's newest part) from the current network's features."""
         indices = self.data.indices("train", task.classes)
-        features = F.normalize(upcast(engine.features(self.network, self.data.dataset("train", indices,
-                                                                                        augment=False))), dim=1)
+        features, _ = infer(self.network.features, self.data.dataset("train", indices, augment=False), self.network)
+        features = F.normalize(upcast(features), dim=1)
         labels = torch.as_tensor(self.data.train_y[indices])
         self.network.head.imprint(torch.cat([self.class_proxies(features[labels == c], c) for c in task.classes]))
 
@@ -105,6 +101,4 @@ class UCIR(Method):
         return {"ce": self.ce(out["logits"], y)}
 
     def cosine_network(self, layer_names=(), max_sigma=None) -> CosineIncrementalNet:
-        network = CosineIncrementalNet(self.make_backbone(), self.cfg.nb_proxy, layer_names, max_sigma)
-        network.freeze_backbone(self.cfg.freeze_fe)
-        return network
+        return CosineIncrementalNet(self.make_backbone(), self.cfg.nb_proxy, layer_names, max_sigma)

@@ -62,14 +62,13 @@ class WA(Method):
         logits = logits[:, : self.task.total]
         return weighted_kd_losses(self.ce(logits, y), logits, old_logits, self.cfg.T)
 
-    def after_task(self, task, engine):
+    def after_task(self, task, infer):
         self._clip()
         if not task.is_first:
             with torch.no_grad():
                 fc = self.network.fc
                 gamma = align_weights(fc.weight, fc.bias, task.known)
             log.info(f"task {task.index}: weight aligning, new-class rows scaled by {gamma:.4f}")
-        super().after_task(task, engine)
 
     def _clip(self):
         if self.cfg.weight_clipping:

@@ -156,9 +156,6 @@ class ContrastivePretrain(Method):
             return MoCoNet(backbone, self.cfg.proj_dim or 128, self.cfg.K, self.cfg.head_bn)
         return SimSiamNet(backbone, self.cfg.proj_dim or 2048, self.cfg.pred_dim, self.cfg.proj_layers)
 
-    def before_task(self, task):
-        """Nothing to grow: the single task holds every class and the network has no classifier."""
-
     # ---- data ----
     def augmentation(self) -> T.Compose:
         cfg, size = self.cfg, self.data.img_size
@@ -179,7 +176,7 @@ class ContrastivePretrain(Method):
         return TwoViewDataset(self.data.pool("train"), self.data.indices("train", task.classes), self.augmentation())
 
     # ---- training ----
-    def stages(self, task, new_data, engine):
+    def stages(self, task, new_data, infer):
         return [Stage("pretrain", lambda: self.two_view_data(task), OptimConfig.from_config(self.cfg, True),
                       self.training_step)]
 
@@ -197,7 +194,7 @@ class ContrastivePretrain(Method):
         return {"info_nce": loss}
 
     # ---- after training: clean BN statistics, the feature-quality report, the file ----
-    def after_task(self, task, engine):
+    def after_task(self, task, infer):
         clean = self.data.dataset("train", self.data.indices("train", task.classes), augment=False)
         backbone = self.network.backbone
         if self.cfg.recalibrate_bn:
@@ -206,8 +203,8 @@ class ContrastivePretrain(Method):
                 return backbone(x)
 
             with bn_recalibration(backbone):
-                engine.infer(calibration_pass, clean, self.network, whole=True)  # the same on every rank
-        features = F.normalize(upcast(engine.features(self.network, clean)), dim=1)
+                infer(calibration_pass, clean, self.network, whole=True)  # the same on every rank
+        features = F.normalize(upcast(infer(self.network.features, clean, self.network)[0]), dim=1)
         labels = torch.as_tensor(clean.targets)
         means = torch.stack([features[labels == c].mean(0) for c in range(task.total)])
         self.class_means = F.normalize(means, dim=1).to(self.class_means.device)
@@ -249,9 +246,12 @@ class ContrastivePretrain(Method):
         log.info(f"pretrained {self.cfg.backbone} backbone written to {path} (use it with pretrained: true, "
                  f"pretrain_path: {path})")
 
+    def keeps_class_means(self) -> bool:
+        return True  # the nearest-class-mean report
+
     def predict(self, x):
         """"cnn": −distance of the normalised backbone features to the class means (zeros before they exist)."""
-        features = upcast(self.network(x)["features"])
+        features = upcast(self.network.features(x))
         if not self.class_means.numel():
             return {"cnn": torch.zeros(len(x), self.task.total, device=x.device)}
         return {"cnn": -torch.cdist(F.normalize(features, dim=1), self.class_means)}

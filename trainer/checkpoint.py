@@ -9,6 +9,12 @@ one is complete; they are read with `map_location` and `weights_only=True`, so l
 
 Files, in `<run folder>/checkpoints/`: `seed<S>_latest.pt` (rewritten after every task and every
 `checkpoint_every` epochs) and, with `save_models: true`, `seed<S>_task<T>.pt` after each task.
+
+`content` is what a checkpoint holds (written by trainer/hooks.py's CheckpointHook) and `read` its reader: a
+checkpoint is trusted for nothing it was not checked for. It must have been written by this run (its config
+equals the run's config.yaml apart from the runtime keys, its seed and position fit the run, its record and RNG
+state are well formed); whether its state fits the method is checked by the method itself
+(`Method.load_checkpoint_state`). Anything else is a one-line error naming the file.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from utils.config import RUNTIME_KEYS
 from utils.registry import UserError
 
 VERSION = 1
@@ -140,3 +147,70 @@ def latest_path(run_dir: str, seed: int) -> str:
 
 def task_path(run_dir: str, seed: int, task: int) -> str:
     return os.path.join(folder(run_dir), f"seed{seed}_task{task}.pt")
+
+
+def content(cfg, seed: int, position: dict, method, record: dict, **extra) -> dict:
+    """What a checkpoint holds: the config, the seed, the position ({task, done} and, inside a task, {stage,
+    epoch} with `extra` optimizer and scheduler state), the method's state, the RNG states and the seed's record."""
+    return {"config": cfg.to_dict(), "seed": seed, "position": position, "method": method.state_dict(),
+            "extra": method.extra_state(), "rng": rng_state(), "record": record, **extra}
+
+
+def without_runtime(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
+
+
+def _fail(path: str, problem: str):
+    raise UserError(f"checkpoint '{path}' {problem}")
+
+
+def read(path: str, cfg, run_dir: str, seed: int | None = None, n_tasks: int | None = None,
+         task: int | None = None) -> dict:
+    """A checkpoint of this run: written with the run's config (apart from the runtime keys), for `seed`, at a
+    position inside the run's `n_tasks` tasks (with `task`: the end of that task), with a well-formed record and
+    RNG state. An unreadable file raises `UnreadableCheckpoint` (a resume may fall back to an older one)."""
+    state = load(path)
+    saved, ours = state["config"], without_runtime(cfg.to_dict())
+    if not isinstance(saved, dict):
+        _fail(path, "holds no config")
+    saved = without_runtime(saved)
+    diff = [k for k in ours if k not in saved or saved[k] != ours[k]] + [k for k in saved if k not in ours]
+    if diff:
+        k = diff[0]
+        _fail(path, f"was written with another config than {os.path.join(run_dir, 'config.yaml')}: '{k}' is "
+                    f"{saved.get(k, '(absent)')!r} in the checkpoint and {ours.get(k, '(absent)')!r} in the run")
+    if seed is not None and state["seed"] != seed:
+        _fail(path, f"belongs to seed {state['seed']!r}, not seed {seed}")
+    where = state["position"]
+    if not (isinstance(where, dict) and isinstance(where.get("task"), int) and isinstance(where.get("done"), bool)):
+        _fail(path, "holds no valid position (task, done)")
+    if n_tasks is not None and not 0 <= where["task"] < n_tasks:
+        _fail(path, f"is at task {where['task']}, but the run has tasks 0..{n_tasks - 1}")
+    if task is not None and (where["task"], where["done"]) != (task, True):
+        _fail(path, f"holds the position {where} instead of the end of task {task}")
+    if not where["done"]:
+        if not (isinstance(where.get("stage"), str) and isinstance(where.get("epoch"), int) and where["epoch"] >= 1):
+            _fail(path, "is inside a task but names no stage and epoch")
+        if not isinstance(state.get("optimizer"), dict) or "scheduler" not in state:
+            _fail(path, "is inside a task but holds no optimizer and scheduler state")
+    record = state["record"]
+    done_tasks = where["task"] + 1 if where["done"] else where["task"]
+    if not (isinstance(record, dict) and record.get("seed") == state["seed"] and isinstance(record.get("tasks"), list)
+            and len(record["tasks"]) == done_tasks and isinstance(record.get("class_order"), list)):
+        _fail(path, f"holds a record that does not match its position (expected {done_tasks} finished tasks)")
+    _check_rng(path, state["rng"])
+    if not isinstance(state["method"], dict) or not isinstance(state["extra"], dict):
+        _fail(path, "holds no method state")
+    state["path"] = path
+    return state
+
+
+def _check_rng(path: str, rng) -> None:
+    """Setting the RNG state is the check (then the current state is put back)."""
+    current = rng_state()
+    try:
+        set_rng_state(rng)
+    except Exception:  # noqa: BLE001 - whatever a malformed state makes random/numpy/torch raise
+        _fail(path, "holds a malformed RNG state")
+    finally:
+        set_rng_state(current)

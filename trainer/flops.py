@@ -13,6 +13,8 @@ import warnings
 import torch
 from torch import nn
 
+from utils.modes import eval_mode
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # fvcore scripts a loss with the deprecated torch.jit at import
     from fvcore.nn import FlopCountAnalysis
@@ -43,37 +45,35 @@ def _sdpa_flops(inputs, outputs) -> int:
 def inference_cost(method, img_size: int, device: torch.device) -> tuple[float, int]:
     """(GFLOPs per image, parameter count) of `method.predict` on one img_size x img_size image."""
     x = torch.zeros(1, 3, img_size, img_size, device=device)
-    was_training = method.training
-    method.eval()
     called: dict[int, nn.Module] = {}
 
     def record(module, *_):
         called[id(module)] = module
 
-    hooks = [m.register_forward_hook(record) for m in method.modules()]
-    with torch.no_grad():
-        method.predict(x)
-    for h in hooks:
-        h.remove()
-    # modules whose forward ran, and the modules holding them (a ViT's pos_embed belongs to the model, whose
-    # blocks a wrapper may call directly)
-    names = {id(m): name for name, m in method.named_modules()}
-    modules = dict(method.named_modules())
-    used = {names[i] for i in called if i in names}
-    used |= {name.rsplit(".", k)[0] for name in used for k in range(1, name.count(".") + 1)} | {""}
-    params = {id(p): p.numel() for name in used for p in modules[name].parameters(recurse=False)}
-    fvcore_log = logging.getLogger("fvcore")
-    level, fvcore_log.level = fvcore_log.level, logging.ERROR
-    try:
-        analysis = FlopCountAnalysis(_Predict(method), x)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and deprecation noise from torch.jit
-            flops = analysis.total()
-    finally:
-        fvcore_log.level = level
-        method.train(was_training)
+    with eval_mode(method):
+        hooks = [m.register_forward_hook(record) for m in method.modules()]
+        with torch.no_grad():
+            method.predict(x)
+        for h in hooks:
+            h.remove()
+        # modules whose forward ran, and the modules holding them (a ViT's pos_embed belongs to the model, whose
+        # blocks a wrapper may call directly)
+        names = {id(m): name for name, m in method.named_modules()}
+        modules = dict(method.named_modules())
+        used = {names[i] for i in called if i in names}
+        used |= {name.rsplit(".", k)[0] for name in used for k in range(1, name.count(".") + 1)} | {""}
+        params = {id(p): p.numel() for name in used for p in modules[name].parameters(recurse=False)}
+        fvcore_log = logging.getLogger("fvcore")
+        level, fvcore_log.level = fvcore_log.level, logging.ERROR
+        try:
+            analysis = FlopCountAnalysis(_Predict(method), x)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer and deprecation noise from torch.jit
+                flops = analysis.total()
+        finally:
+            fvcore_log.level = level
     return flops / 1e9, sum(params.values())
 
 

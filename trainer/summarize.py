@@ -1,4 +1,4 @@
-"""Compare runs: python -m utils.summarize DIR... [--csv FILE]
+"""Compare runs: python -m trainer.summarize DIR... [--csv FILE]
 
 Prints one table with a row per run found under the given folders (every results.json below them): method,
 dataset, backbone, seeds, last and average incremental accuracy (mean ± std over seeds), forgetting and the
