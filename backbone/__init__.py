@@ -1,8 +1,11 @@
 """Backbone registry: every module in this package registers feature extractors by name.
 
-A backbone is an `nn.Module` mapping images (B, 3, H, W) to features (B, D) with `feature_dim = D`.
-Torchvision/timm models keep their module names (`layer1`, `features.3`, ...), so `layer_names` in configs
-address the same layers as in the original code. Any timm model name that is not registered here also works.
+A backbone is an `nn.Module` mapping images (B, 3, H, W) to features (B, D) with `feature_dim = D`; a registered
+one declares `layer_names`, the modules whose inputs adapters (ACL, DynaMMo) and POD-spatial (PODNet) use
+(`BACKBONES.meta(name)["layer_names"]`). Torchvision/timm models keep their module names (`layer1`,
+`features.3`, ...), so `layer_names` in configs address the same layers as in the original code. Any timm model
+name that is not registered here also works. The networks methods put around a backbone follow the contract of
+backbone/network.py.
 """
 from torch import nn
 

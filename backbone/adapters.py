@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from backbone.network import Network
+from utils.modes import eval_mode
 from utils.registry import UserError, closest
 
 MERGED = "merged"
@@ -141,12 +142,10 @@ class AdapterNet(Network):
         seen: list[tuple[str, torch.Size]] = []
         hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.append((n, a[0].shape)))
                  for n in self.layer_names]
-        was_training = self.backbone.training
         try:
-            with torch.no_grad():
-                self.backbone.eval()(torch.zeros(1, 3, img_size, img_size))
+            with torch.no_grad(), eval_mode(self.backbone):
+                self.backbone(torch.zeros(1, 3, img_size, img_size))
         finally:
-            self.backbone.train(was_training)
             for h in hooks:
                 h.remove()
         if [n for n, _ in seen] != self.layer_names:

@@ -20,6 +20,10 @@ from backbone import BACKBONES
 from utils.registry import UserError
 
 
+#: the modules whose inputs adapters (ACL, DynaMMo) and POD-spatial (PODNet) use: one per stage
+STAGES, LAYERS = ("stage_1", "stage_2", "stage_3"), ("layer1", "layer2", "layer3", "layer4")
+
+
 class _Block(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, last_relu: bool = True):
         super().__init__()
@@ -98,25 +102,25 @@ def _resnet18_cifar(last_relu: bool) -> nn.Module:
     return model
 
 
-@BACKBONES.register("resnet32")
+@BACKBONES.register("resnet32", layer_names=STAGES)
 def resnet32(pretrained=False, pretrain_path=None):
     _no_pretrained("resnet32", pretrained, pretrain_path)
     return _load_path(ResNet32(), pretrain_path if pretrained else None)
 
 
-@BACKBONES.register("cosine_resnet32")
+@BACKBONES.register("cosine_resnet32", layer_names=STAGES)
 def cosine_resnet32(pretrained=False, pretrain_path=None):
     _no_pretrained("cosine_resnet32", pretrained, pretrain_path)
     return _load_path(ResNet32(last_relu=False), pretrain_path if pretrained else None)
 
 
-@BACKBONES.register("resnet18_cifar")
+@BACKBONES.register("resnet18_cifar", layer_names=LAYERS)
 def resnet18_cifar(pretrained=False, pretrain_path=None):
     _no_pretrained("resnet18_cifar", pretrained, pretrain_path)
     return _load_path(_resnet18_cifar(last_relu=True), pretrain_path if pretrained else None)
 
 
-@BACKBONES.register("cosine_resnet18")
+@BACKBONES.register("cosine_resnet18", layer_names=LAYERS)
 def cosine_resnet18(pretrained=False, pretrain_path=None):
     """ImageNet-style resnet18 (7x7 stem) without the final ReLU; torchvision weights fit it unchanged."""
     from backbone.pretrained import load_pretrained, torchvision_cache_file

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from backbone.network import Network
+from utils.modes import train_mode
 from utils.precision import upcast
 
 
@@ -89,15 +90,11 @@ class MoCoNet(_Pretraining):
         device: the batch is permuted and encoded in `splits` sub-batches, each normalised by its own statistics,
         so that a query and its key are not normalised by the same batch statistics. The permutation uses the
         global RNG (part of training's random stream, saved in checkpoints)."""
-        was = self.key_backbone.training, self.key_head.training
-        self.key_backbone.train(), self.key_head.train()
-        try:
+        with train_mode(self.key_backbone), train_mode(self.key_head):
             order = torch.randperm(len(x), device=x.device)
             chunks = [self.key_head(self.key_backbone(c)) for c in x[order].chunk(max(1, min(splits, len(x))))]
             keys = torch.empty_like(torch.cat(chunks))
             keys[order] = torch.cat(chunks)
-        finally:
-            self.key_backbone.train(was[0]), self.key_head.train(was[1])
         return F.normalize(upcast(keys), dim=1)
 
     @torch.no_grad()

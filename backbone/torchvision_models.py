@@ -23,7 +23,14 @@ def _torchvision(name: str, pretrained: bool, pretrain_path: str | None) -> nn.M
     return model
 
 
-for _name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "efficientnet_b0"):
-    BACKBONES.register(_name, source="torchvision")(
+#: the modules whose inputs adapters (ACL, DynaMMo) and POD-spatial (PODNet) use: the ResNets' four stages,
+#: the original's four points of mobilenet_v2, and efficientnet_b0's stages that halve the map
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+LAYER_NAMES = {"resnet18": _STAGES, "resnet34": _STAGES, "resnet50": _STAGES,
+               "mobilenet_v2": ("features.3", "features.5", "features.12", "features.15"),
+               "efficientnet_b0": ("features.2", "features.3", "features.4", "features.6")}
+
+for _name in LAYER_NAMES:
+    BACKBONES.register(_name, source="torchvision", layer_names=LAYER_NAMES[_name])(
         lambda pretrained=False, pretrain_path=None, _name=_name: _torchvision(_name, pretrained, pretrain_path)
     )

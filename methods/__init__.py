@@ -1,5 +1,8 @@
 """Method registry. `methods/{multi_steps,single_step,pretrain}/<name>.py` register with `register_method`;
 every module is imported automatically, so dropping a file in registers it."""
+import dataclasses
+
+from utils.config import GlobalConfig
 from utils.registry import Registry, UserError, import_submodules
 
 METHODS = Registry("method")
@@ -7,9 +10,17 @@ METHOD_TYPES = ("multi_steps", "single_step", "pretrain")
 
 
 def register_method(name: str, config=None, method_type: str = "multi_steps"):
-    """Register a Method subclass under `name`, with the dataclass declaring its own config keys (or None).
-    `method_type`: multi_steps (task by task), single_step (one task holding every class), pretrain."""
+    """Register a Method subclass under `name`, with the frozen dataclass declaring its own config keys (or None;
+    a key may not shadow a global key). `method_type`: multi_steps (task by task), single_step (one task holding
+    every class), pretrain."""
     assert method_type in METHOD_TYPES, method_type
+    if config is not None:
+        if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+            raise TypeError(f"method '{name}': its config {config.__name__} must be a @dataclass(frozen=True)")
+        shadowed = sorted(set(config.__dataclass_fields__) & set(GlobalConfig.__dataclass_fields__))
+        if shadowed:
+            raise TypeError(f"method '{name}': its key '{shadowed[0]}' shadows the global key of that name; "
+                            "give it another name")
 
     def decorator(cls):
         return METHODS.register(name, config=config, method_type=method_type)(cls)

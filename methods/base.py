@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from backbone import build_backbone
 from backbone.incremental_net import IncrementalNet, frozen_copy
 from backbone.network import Network
+from backbone.vit import prompted_vit_net
 from utils.config import key
 from utils.losses import bounded_ce, class_task_bounds
 from utils.memory import ExemplarMemory, FeatureCache
@@ -51,7 +52,7 @@ from utils.registry import InvalidState, UserError
 from utils.types import Inference, OptimConfig, Stage, Task
 
 
-@dataclass
+@dataclass(frozen=True)
 class BalancedStageConfig:
     """Keys of the second, class-balanced stage after each later task (DER, ACL, DynaMMo, UCIR, PODNet). A method
     changes a default by redeclaring the key with a plain value (its help is kept)."""
@@ -289,3 +290,35 @@ class Method(nn.Module):
         with torch.no_grad():
             old_logits = self.old_network(x)["logits"]
         return self.network(x)["logits"], old_logits
+
+
+class PromptMethod(Method):
+    """The shape L2P, DualPrompt and CODA-Prompt share: a pretrained timm ViT that stays frozen (whatever
+    `freeze_fe` says) and prompts that steer it (backbone/vit.py, backbone/prompt.py); only the prompts, their keys
+    and the linear head learn; no replay. A subclass says how its prompts are chosen in `prompted`; the loss is CE
+    over the current task's classes (as the prompt papers' code masks the other tasks' logits) plus the method's
+    `prompt_losses`, and `predict` scores the seen classes."""
+
+    replay = "none"
+
+    def build_network(self) -> Network:
+        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
+
+    @property
+    def vit(self):
+        return self.network.backbone
+
+    def prompted(self, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, object]:
+        """The logits of the prompted pass on x, and what `prompt_losses` needs (in training) or `predict` reports."""
+        raise NotImplementedError
+
+    def prompt_losses(self, aux) -> dict[str, torch.Tensor]:
+        """The method's losses besides CE, from the second value `prompted` returned in training."""
+        return {}
+
+    def training_step(self, x, y):
+        logits, aux = self.prompted(x, train=True)
+        return {"ce": bounded_ce(logits, y, self.task.known, self.task.total), **self.prompt_losses(aux)}
+
+    def predict(self, x):
+        return {"cnn": self.prompted(x, train=False)[0][:, : self.task.total]}

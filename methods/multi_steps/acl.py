@@ -52,7 +52,7 @@ from utils.registry import UserError
 from utils.types import OptimConfig, Stage
 
 
-@dataclass
+@dataclass(frozen=True)
 class ACLConfig(BalancedStageConfig):
     layer_names: list[str] = key(["layer1", "layer2", "layer3", "layer4"],
                                  "backbone modules that get an adapter before them (resnet18: layer1..layer4; "

@@ -52,7 +52,7 @@ def balanced_split(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np
     return pool[~held], pool[held]
 
 
-@dataclass
+@dataclass(frozen=True)
 class BiCConfig:
     T: float = key(2.0, "distillation temperature", range="(0, inf)")
     split_ratio: float = key(0.1, "share of the per-class exemplar quota held out per class for bias correction",

@@ -20,15 +20,13 @@ Deviations:
 from dataclasses import dataclass
 
 from backbone.prompt import CodaComponents
-from backbone.vit import prompted_vit_net
 from methods import register_method
-from methods.base import Method
+from methods.base import PromptMethod
 from utils.config import key
-from utils.losses import bounded_ce
 from utils.registry import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class CodaPromptConfig:
     prompt_pool: int = key(100, "prompt components in all, split evenly over the tasks", range="[1, inf)")
     prompt_length: int = key(4, "prefix tokens per component and block (the paper's length 8 counts key + value)",
@@ -39,15 +37,10 @@ class CodaPromptConfig:
 
 
 @register_method("coda_prompt", config=CodaPromptConfig)
-class CodaPrompt(Method):
-    replay = "none"
-
-    def build_network(self):
-        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
-
+class CodaPrompt(PromptMethod):
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        vit = self.network.backbone
+        vit = self.vit
         if not len(data.tasks) <= cfg.prompt_pool <= vit.embed_dim:
             raise UserError(f"prompt_pool must lie between the number of tasks ({len(data.tasks)}) and the ViT width "
                             f"({vit.embed_dim}) so that every task gets orthogonal components, got {cfg.prompt_pool}")
@@ -60,15 +53,9 @@ class CodaPrompt(Method):
         start, end = (self.cfg.prompt_pool * t // task.n_tasks for t in (task.index, task.index + 1))
         self.prompt.add_components(end - start)
 
-    def training_step(self, x, y):
-        losses = {"ce": bounded_ce(self.forward_prompted(x), y, self.task.known, self.task.total)}
-        if self.cfg.ortho_weight:
-            losses["ortho"] = self.cfg.ortho_weight * self.prompt.orthogonality()
-        return losses
+    def prompted(self, x, train):
+        """Logits of the pass with the prompt the query's attention weights make of the components."""
+        return self.network.fc(self.vit(x, self.prompt(self.vit.query(x)))), None
 
-    def predict(self, x):
-        return {"cnn": self.forward_prompted(x)[:, : self.task.total]}
-
-    def forward_prompted(self, x):
-        vit = self.network.backbone
-        return self.network.fc(vit(x, self.prompt(vit.query(x))))
+    def prompt_losses(self, _):
+        return {"ortho": self.cfg.ortho_weight * self.prompt.orthogonality()} if self.cfg.ortho_weight else {}

@@ -38,7 +38,7 @@ from utils.precision import upcast
 from utils.registry import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DarkERConfig:
     alpha: float = key(0.3, "weight of the MSE between the logits on buffer samples and the stored logits",
                         range="[0, inf)")

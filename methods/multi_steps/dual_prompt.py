@@ -19,15 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from backbone.prompt import PromptPool, concat_prefixes
-from backbone.vit import prompted_vit_net
 from methods import register_method
-from methods.base import Method
+from methods.base import PromptMethod
 from utils.config import key
-from utils.losses import bounded_ce, key_matching_loss
+from utils.losses import key_matching_loss
 from utils.registry import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DualPromptConfig:
     g_prompt_length: int = key(5, "prefix tokens of the shared G-prompt per block", range="[0, inf)")
     g_layers: list[int] = key([0, 1], "ViT blocks that receive the G-prompt", range="[0, inf)")
@@ -40,15 +39,10 @@ class DualPromptConfig:
 
 
 @register_method("dual_prompt", config=DualPromptConfig)
-class DualPrompt(Method):
-    replay = "none"
-
-    def build_network(self):
-        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
-
+class DualPrompt(PromptMethod):
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        vit = self.network.backbone
+        vit = self.vit
         if cfg.e_prompt_pool < len(data.tasks):
             raise UserError(f"e_prompt_pool ({cfg.e_prompt_pool}) must be at least the number of tasks "
                             f"({len(data.tasks)}): each task trains its own E-prompt")
@@ -57,17 +51,22 @@ class DualPrompt(Method):
         self.e_prompts = PromptPool(cfg.e_prompt_pool, cfg.e_prompt_length, vit.check_layers("e_layers", cfg.e_layers),
                                     vit.embed_dim)
 
-    def training_step(self, x, y):
-        task_ids = torch.full((len(x), 1), self.task.index, device=x.device)
-        cos = self.e_prompts.similarity(self.network.backbone.query(x)).gather(1, task_ids)
-        return {"ce": bounded_ce(self.forward_prompted(x, task_ids), y, self.task.known, self.task.total),
-                "pull": self.cfg.pull_weight * key_matching_loss(cos)}
+    def prompted(self, x, train):
+        """Logits with the G-prompt and an E-prompt: in training the task's own (and the cosine of the query to
+        its key), at test the one whose key is closest to the query among the seen tasks' (and its index)."""
+        if train:
+            task_ids = torch.full((len(x), 1), self.task.index, device=x.device)
+            aux = self.e_prompts.similarity(self.vit.query(x)).gather(1, task_ids)
+        else:
+            task_ids, _ = self.e_prompts.match(self.vit.query(x), 1, among=self.task.index + 1)
+            aux = task_ids[:, 0]
+        prefixes = concat_prefixes(self.g_prompt(torch.zeros_like(task_ids)), self.e_prompts(task_ids))
+        return self.network.fc(self.vit(x, prefixes)), aux
+
+    def prompt_losses(self, cos):
+        return {"pull": self.cfg.pull_weight * key_matching_loss(cos)}
 
     def predict(self, x):
-        task_ids, _ = self.e_prompts.match(self.network.backbone.query(x), 1, among=self.task.index + 1)
-        return {"cnn": self.forward_prompted(x, task_ids)[:, : self.task.total], "task_id": task_ids[:, 0]}
-
-    def forward_prompted(self, x, task_ids):
-        """Logits with the G-prompt and the E-prompts of the (B, 1) task indices."""
-        prefixes = concat_prefixes(self.g_prompt(torch.zeros_like(task_ids)), self.e_prompts(task_ids))
-        return self.network.fc(self.network.backbone(x, prefixes))
+        """The seen classes' scores, and the task whose E-prompt was used (scored as task-id accuracy)."""
+        logits, task_id = self.prompted(x, train=False)
+        return {"cnn": logits[:, : self.task.total], "task_id": task_id}

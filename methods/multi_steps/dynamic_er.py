@@ -39,7 +39,7 @@ from utils.losses import others_cross_entropy
 from utils.precision import upcast
 
 
-@dataclass
+@dataclass(frozen=True)
 class DERConfig(BalancedStageConfig):
     T: float = key(5.0, "temperature of the balanced fine-tuning loss CE(logits / T)", range="(0, inf)")
     epochs_finetune: int = 30

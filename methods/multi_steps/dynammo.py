@@ -63,7 +63,7 @@ from utils.types import Action
 DEFAULT_LAMBDA = {"mean": 1.0, "task_arithmetic": 0.5, "ties": 1.0, "magmax": 0.5}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DynaMMoConfig(ACLConfig):
     recalibrate_bn: bool = key(False, "re-estimate the merged adapters' BN statistics on the balanced set "
                                       "instead of averaging the task adapters' statistics")

@@ -56,7 +56,7 @@ def gem_project(g: torch.Tensor, memory_grads: torch.Tensor, memory_strength: fl
     return torch.from_numpy(G.T @ v + grad).to(g)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GEMConfig:
     memory_strength: float = key(0.5, "GEM memory strength: lower bound of the dual variables (0: plain projection)",
                                   range="[0, inf)")

@@ -31,7 +31,7 @@ from utils.losses import kd_loss
 from utils.registry import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ICaRLConfig:
     T: float = key(2.0, "distillation temperature", range="(0, inf)")
 

@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from backbone.prompt import PromptPool
-from backbone.vit import prompted_vit_net
 from methods import register_method
-from methods.base import Method
+from methods.base import PromptMethod
 from utils.config import key
-from utils.losses import bounded_ce, key_matching_loss
+from utils.losses import key_matching_loss
 from utils.registry import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class L2PConfig:
     prompt_pool: int = key(10, "number of prompts (and keys) in the pool", range="[1, inf)")
     prompt_length: int = key(5, "prefix tokens per prompt and block", range="[0, inf)")
@@ -59,30 +58,20 @@ def prompt_layers(cfg) -> list[int]:
 
 
 @register_method("l2p", config=L2PConfig)
-class L2P(Method):
-    replay = "none"
-
-    def build_network(self):
-        return prompted_vit_net(self.cfg.backbone, self.cfg.pretrained, self.cfg.pretrain_path, self.data.img_size)
-
+class L2P(PromptMethod):
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        vit = self.network.backbone
+        vit = self.vit
         if not 1 <= cfg.top_k <= cfg.prompt_pool:
             raise UserError(f"top_k must lie in [1, prompt_pool = {cfg.prompt_pool}], got {cfg.top_k}")
         layers = vit.check_layers("prompt_layers", prompt_layers(cfg))
         self.pool = PromptPool(cfg.prompt_pool, cfg.prompt_length, layers, vit.embed_dim)
 
-    def training_step(self, x, y):
-        logits, cos = self.forward_prompted(x)
-        return {"ce": bounded_ce(logits, y, self.task.known, self.task.total),
-                "pull": self.cfg.pull_weight * key_matching_loss(cos)}
+    def prompted(self, x, train):
+        """Logits of the pass with the prompts of the `top_k` keys closest to the query, and those keys'
+        cosine similarities."""
+        idx, cos = self.pool.match(self.vit.query(x), self.cfg.top_k)
+        return self.network.fc(self.vit(x, self.pool(idx))), cos
 
-    def predict(self, x):
-        return {"cnn": self.forward_prompted(x)[0][:, : self.task.total]}
-
-    def forward_prompted(self, x):
-        """Logits of the prompted pass, and the cosine similarities of the selected keys."""
-        vit = self.network.backbone
-        idx, cos = self.pool.match(vit.query(x), self.cfg.top_k)
-        return self.network.fc(vit(x, self.pool(idx))), cos
+    def prompt_losses(self, cos):
+        return {"pull": self.cfg.pull_weight * key_matching_loss(cos)}

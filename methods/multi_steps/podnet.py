@@ -53,7 +53,7 @@ from utils.losses import feature_distillation, nca_loss, pod_spatial, restrict_l
 from utils.registry import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PODNetConfig(BalancedStageConfig):
     epochs_finetune: int = 20
     lrate_finetune: float = 0.05

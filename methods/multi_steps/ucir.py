@@ -40,7 +40,7 @@ from utils.precision import upcast
 from utils.types import Action
 
 
-@dataclass
+@dataclass(frozen=True)
 class UCIRConfig(BalancedStageConfig):
     lambda_base: float = key(5.0, "less-forget weight: λ = lambda_base * sqrt(old classes / new classes)",
                               range="[0, inf)")

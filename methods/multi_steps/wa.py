@@ -46,7 +46,7 @@ def align_weights(weight: torch.Tensor, bias: torch.Tensor | None, known: int) -
     return gamma
 
 
-@dataclass
+@dataclass(frozen=True)
 class WAConfig:
     T: float = key(2.0, "distillation temperature", range="(0, inf)")
     weight_clipping: bool = key(True, "clip the head's weights to be non-negative during training (paper)")

@@ -85,7 +85,7 @@ from utils.types import OptimConfig, Stage
 log = logging.getLogger("cl")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ContrastivePretrainConfig:
     mode: str = key("moco_v2", "self-supervised objective", ("moco_v2", "simsiam"))
     m: float = key(0.999, "MoCo: momentum of the key encoder", range="[0, 1]")
