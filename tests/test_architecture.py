@@ -1,5 +1,6 @@
-"""The layering of docs/architecture.md, checked on the source: no import from a lower layer to a higher one, and no
-method importing another method's module unless it subclasses a class of it."""
+"""The layering of docs/architecture.md, checked on the source: no import from a lower layer to a higher one, the
+engine below the rest of the trainer, utils/ holding only what the lower layers use, and no method importing
+another method's module unless it subclasses a class of it."""
 import ast
 import glob
 import os
@@ -35,6 +36,36 @@ def test_no_import_reaches_up_or_sideways(path):
         top = module.split(".")[0]
         if top in LAYERS and top != own:
             assert LAYERS[top] < LAYERS[own], f"{os.path.relpath(path, ROOT)}:{line} imports {module}"
+
+
+ENGINE_FILES = sorted(glob.glob(os.path.join(ROOT, "trainer", "engine", "*.py")))
+
+
+@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_the_engine_is_below_the_rest_of_the_trainer(path):
+    """The loops know nothing of runs, results, checkpoints or evaluation: from trainer/ they import only the
+    engine's own modules and the RNG state (trainer/seed.py)."""
+    for module, line in imported_modules(path):
+        if module.split(".")[0] == "trainer":
+            assert module.startswith("trainer.engine") or module == "trainer.seed", \
+                f"{os.path.relpath(path, ROOT)}:{line} imports {module}"
+
+
+def test_utils_holds_only_what_the_lower_layers_import():
+    """utils/ is the ground floor of backbone/, datasets/ and methods/; what only the trainer uses lives there."""
+    used = set()
+    for package in ("backbone", "datasets", "methods"):
+        for path in glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True):
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                if isinstance(node, ast.ImportFrom) and node.module == "utils":  # from utils import distributed
+                    used |= {f"utils.{alias.name}" for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
+                    used.add(node.module)
+                elif isinstance(node, ast.Import):
+                    used |= {alias.name for alias in node.names if alias.name.startswith("utils.")}
+    own = {"utils." + os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "utils", "*.py"))}
+    unused = sorted(own - used - {"utils.__init__"})
+    assert not unused, f"imported by no module of backbone/, datasets/ or methods/ (they belong in trainer/): {unused}"
 
 
 def test_the_checker_sees_a_violation(tmp_path):

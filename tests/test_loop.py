@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from trainer import checkpoint
+from trainer import checkpoint, seed
 from utils.registry import UserError
 from trainer.engine.engine import Engine
 from trainer.engine.hooks import Hook
@@ -240,7 +240,7 @@ def test_stages_and_actions_run_in_order_and_an_action_runs_once_without_gradien
 
 
 def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does():
-    from trainer.checkpoint import rng_state
+    from trainer.seed import rng_state
 
     torch.manual_seed(0)
     whole, log = Toy(), []
@@ -289,17 +289,17 @@ def test_infer_returns_every_output_in_dataset_order_with_the_targets():
 # ---- checkpoints ----
 def test_rng_state_round_trips_python_numpy_and_torch():
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    state = checkpoint.rng_state()
+    state = seed.rng_state()
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
-    checkpoint.set_rng_state(state)
+    seed.set_rng_state(state)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
 def test_checkpoint_files_round_trip_and_bad_files_are_user_errors(tmp_path):
     path = str(tmp_path / "seed1_latest.pt")
     state = {"config": {}, "seed": 1, "method": {"w": torch.arange(3.0)}, "position": {"task": 2, "done": True},
-             "extra": {}, "rng": checkpoint.rng_state(), "record": {}}
+             "extra": {}, "rng": seed.rng_state(), "record": {}}
     checkpoint.save(path, state)
     assert os.listdir(tmp_path) == ["seed1_latest.pt"]  # written to a temporary name, then renamed
     loaded = checkpoint.load(path)

@@ -19,13 +19,13 @@ state are well formed); whether its state fits the method is checked by the meth
 from __future__ import annotations
 
 import os
-import random
 import re
 import tempfile
 from typing import Callable
 
-import numpy as np
 import torch
+
+from trainer.seed import rng_state, set_rng_state
 
 from utils.config import RUNTIME_KEYS
 from utils.registry import UserError
@@ -33,24 +33,6 @@ from utils.registry import UserError
 VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_write(path: str, write: Callable, what: str = "file", binary: bool = True) -> None:

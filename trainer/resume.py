@@ -15,9 +15,10 @@ import os
 import torch
 
 from trainer import checkpoint
-from trainer.checkpoint import UnreadableCheckpoint, set_rng_state
+from trainer.checkpoint import UnreadableCheckpoint
 from trainer.config_loader import load_config
 from trainer.engine.optim import optimizer_state_problem
+from trainer.seed import set_rng_state
 from utils.config import RUNTIME_KEYS
 from utils.registry import InvalidState, UserError
 

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.checkpoint import set_rng_state
 from trainer.engine import ddp
 from trainer.engine.batches import Batches, epoch_key, shard
 from trainer.engine.fastpath import bf16_native, channels_last
 from trainer.engine.hooks import EpochEnd, Hook
 from trainer.engine.optim import build_optimizer, build_scheduler
+from trainer.seed import set_rng_state
 from utils import distributed
 from utils.modes import eval_mode
 from utils.registry import UserError
