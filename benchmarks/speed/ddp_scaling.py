@@ -5,42 +5,31 @@ Throughput = training images seen (the task's samples x epochs, summed over task
 run records per task (results.json `train_time_s`, which excludes evaluation, exemplar selection and start-up).
 Runs one after the other, so they do not compete for cores; reports the ratio to the 1-process run.
 
-    python benchmarks/ddp_scaling.py [--procs 1 2] [--method finetune_il] [--img_size 16] [--epochs 2]
-                                     [--device cpu]   (--device 0 adds nothing but the GPU path of one process)
+    python -m benchmarks.speed.ddp_scaling [--procs 1 2] [--method finetune_il] [--img_size 16] [--epochs 2]
+                                           [--device cpu]   (--device 0 adds nothing but the GPU path of one process)
 """
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.run import ROOT, run_config
 
 
 def run(procs: int, args, root: str) -> dict:
-    config = os.path.join(ROOT, "options", args.method, "digits.yaml")
-    argv = ["--config", config, "--device", args.device, "--seed", "1", "--epochs", str(args.epochs),
-            "--init_epochs", str(args.epochs), "--img_size", str(args.img_size), "--batch_size",
-            str(args.batch_size), "--sync_bn", "true", "--save_models", "false", "--log_root", root, "--note",
+    """One run of `procs` processes (each in a subprocess of `args.threads` threads) and its training time."""
+    argv = ["--config", os.path.join("options", args.method, "digits.yaml"), "--device", args.device, "--seed", "1",
+            "--epochs", str(args.epochs), "--init_epochs", str(args.epochs), "--img_size", str(args.img_size),
+            "--batch_size", str(args.batch_size), "--sync_bn", "true", "--save_models", "false", "--note",
             f"p{procs}"]
-    main = os.path.join(ROOT, "main.py")
-    cmd = [sys.executable, main, *argv] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), main, *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    (path,) = glob.glob(os.path.join(root, args.method, "digits", "*", f"p{procs}", "results.json"))
-    with open(path) as f:
-        results = json.load(f)
+    results, _ = run_config(argv, log_root=root, threads=args.threads, procs=procs)
     tasks = results["runs"][0]["tasks"]
     seconds = sum(t["train_time_s"] for t in tasks)
     return {"procs": procs, "seconds": seconds, "last_acc": results["runs"][0]["last_acc"], "tasks": len(tasks)}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--method", default="finetune_il")
@@ -49,14 +38,14 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="the global batch")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    sys.path.insert(0, ROOT)
+    args = parser.parse_args(argv)
     from datasets.scenario import DataManager
     from methods import method_config
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.cli import parse_overrides
+    from trainer.config_loader import load_config
 
-    cfg = load_config(os.path.join(ROOT, "options", args.method, "digits.yaml"),
-                      parse_cli_overrides(["--device", "cpu"]), method_config)
+    cfg = load_config(os.path.join(ROOT, "options", args.method, "digits.yaml"), parse_overrides(["--device", "cpu"]),
+                      method_config)
     data = DataManager(cfg, seed=1)
     images = sum(len(data.indices("train", t.classes)) for t in data.tasks) * args.epochs  # new data; replay adds
     with tempfile.TemporaryDirectory() as root:

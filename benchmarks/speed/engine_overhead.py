@@ -4,29 +4,25 @@ Both train the same network (resnet32 + linear head) on the same in-memory data 
 with the same optimiser, in one process, alternating bare/engine for several rounds; the script prints the
 images/s of each and the median ratio engine / bare. It asserts nothing about absolute time.
 
-    python benchmarks/engine_overhead.py [--rounds 5] [--steps 40] [--batch_size 64] [--device cpu]
+    python -m benchmarks.speed.engine_overhead [--rounds 5] [--steps 40] [--batch_size 64] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backbone import build_backbone  # noqa: E402
-from backbone.incremental_net import IncrementalNet  # noqa: E402
-from methods.base import Method  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.train_loop import Engine  # noqa: E402
-from utils.types import OptimConfig, Stage, Task  # noqa: E402
+from backbone import build_backbone
+from backbone.incremental_net import IncrementalNet
+from methods.base import Method
+from trainer.device import resolve_device
+from trainer.engine.engine import Engine
+from utils.types import OptimConfig, Stage, Task
 
 
 class _CE(Method):

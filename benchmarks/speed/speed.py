@@ -1,6 +1,6 @@
 """End-to-end speed of the iCaRL reference budget, with every fast path on and off, side by side.
 
-    python benchmarks/speed.py [--seeds 1993] [--epochs 10] [--threads 1] [--rounds 1] [--before CHECKOUT]
+    python -m benchmarks.speed.speed [--seeds 1993] [--epochs 10] [--threads 1] [--rounds 1] [--before CHECKOUT]
 
 The budget (issue 17's, the one users compare frameworks on): digits at 32 px, resnet32, 5 tasks x 2 classes,
 10 epochs per task, memory 200 (herding), SGD lr 0.1 momentum 0.9 weight decay 5e-4, batch 32, constant rate.
@@ -14,17 +14,11 @@ writes the table to benchmarks/out/speed.md.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.run import ROOT, run_config
 
 BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--img_size", "32", "--init_cls", "2",
           "--increment", "2", "--memory_size", "200", "--batch_size", "32", "--lrate", "0.1", "--init_lrate", "0.1",
@@ -37,10 +31,11 @@ def training_images(seed: int, epochs: int) -> int:
     """Samples one run trains on: per task, epochs x (new-class samples + the exemplars kept of the old classes)."""
     from datasets.scenario import DataManager
     from methods import method_config
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.cli import parse_overrides
+    from trainer.config_loader import load_config
 
-    os.chdir(ROOT)
-    cfg = load_config(BUDGET[1], parse_cli_overrides([*BUDGET[2:], "--seed", str(seed)]), method_config)
+    cfg = load_config(os.path.join(ROOT, BUDGET[1]), parse_overrides([*BUDGET[2:], "--seed", str(seed)]),
+                      method_config)
     data = DataManager(cfg, seed)
     total = 0
     for task in data.tasks:
@@ -50,24 +45,12 @@ def training_images(seed: int, epochs: int) -> int:
     return total
 
 
-def run_here(argv: list[str]) -> tuple[float, dict]:
-    import main
-
-    os.chdir(ROOT)
+def timed(argv: list[str], log_root: str, before: str | None, threads: int) -> tuple[float, dict]:
+    """Wall time and the seed's record of one run: here, in this process, or (`before`) in that checkout, in a
+    subprocess on `threads` threads."""
     start = time.perf_counter()
-    results = main.main(argv)
+    results, _ = run_config(argv, log_root=log_root, root=before, threads=None if before is None else threads)
     return time.perf_counter() - start, results["runs"][0]
-
-
-def run_checkout(root: str, argv: list[str], threads: int) -> tuple[float, dict]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "main.py", *argv], cwd=root, env=env, check=True, capture_output=True)
-    seconds = time.perf_counter() - start
-    log_root = argv[argv.index("--log_root") + 1]
-    (path,) = glob.glob(os.path.join(log_root, "**", "results.json"), recursive=True)
-    with open(path) as f:
-        return seconds, json.load(f)["runs"][0]
 
 
 def main(argv=None) -> dict:
@@ -80,6 +63,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "speed.md"))
     args = parser.parse_args(argv)
     import torch
+
+    from trainer.metrics import mean_std
 
     torch.set_num_threads(args.threads)
     modes = {**MODES, **({"before": None} if args.before else {})}
@@ -94,18 +79,16 @@ def main(argv=None) -> dict:
                 order = list(modes) if r % 2 == 0 else list(reversed(modes))
                 for mode in order:
                     run_argv = [*BUDGET, "--seed", str(seed), "--epochs", str(args.epochs), "--init_epochs",
-                                str(args.epochs), "--log_root", os.path.join(tmp, f"{mode}{r}_{seed}")]
-                    if mode == "before":
-                        seconds, run = run_checkout(os.path.abspath(args.before), run_argv, args.threads)
-                    else:
-                        seconds, run = run_here([*run_argv, *MODES[mode]])
+                                str(args.epochs), *MODES.get(mode, [])]
+                    seconds, run = timed(run_argv, os.path.join(tmp, f"{mode}{r}_{seed}"),
+                                         args.before if mode == "before" else None, args.threads)
                     times[mode].append(seconds)
                     train_times[mode].append(sum(t["train_time_s"] for t in run["tasks"]))
                     accuracy[mode].append(run.get("last_nme_acc", run["last_acc"]))
     rows = []
     for mode in modes:
         rows.append(f"| {mode} | {sum(times[mode]):.1f} | {images / sum(train_times[mode]):.1f} | "
-                    f"{statistics.mean(accuracy[mode]):.2f} |")
+                    f"{mean_std(accuracy[mode])['mean']:.2f} |")
     ratios = {f"wall {m} / on": sum(times[m]) / sum(times["on"]) for m in modes if m != "on"}
     ratios.update({f"images/s on / {m}": sum(train_times[m]) / sum(train_times["on"]) for m in modes if m != "on"})
     text = "\n".join([f"iCaRL budget, seeds {args.seeds}, {args.epochs} epochs per task, {args.threads} thread(s), "
