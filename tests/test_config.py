@@ -161,3 +161,28 @@ def test_cli_values_that_yaml_would_change_are_kept(tmp_path):
     assert load(tmp_path, BASE, note="lr0.1_run-2").note == "lr0.1_run-2"
     with pytest.raises(UserError, match="takes one value, got 2: 3 stray"):
         load(tmp_path, BASE, **parse_cli_overrides(["--epochs", "3", "stray"]))
+
+
+def test_a_method_key_may_not_shadow_a_global_key_and_method_keys_are_a_frozen_object(tmp_path):
+    import dataclasses
+
+    from methods import register_method
+    from utils.config import key
+
+    @dataclasses.dataclass(frozen=True)
+    class Shadowing:
+        lrate: float = key(0.1, "a second learning rate", range="(0, inf)")
+
+    with pytest.raises(TypeError, match="'lrate' shadows the global key"):
+        register_method("shadowing", config=Shadowing)
+
+    @dataclasses.dataclass
+    class Mutable:
+        strength: float = key(0.1, "a strength", range="(0, inf)")
+
+    with pytest.raises(TypeError, match="frozen"):
+        register_method("mutable", config=Mutable)
+    cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), {"T": 3}, method_config)
+    assert isinstance(cfg.own, method_config("icarl")) and cfg.own.T == cfg.T == 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.own.T = 1.0

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from utils import distributed
+from utils.precision import upcast
 
 
 class _Step(nn.Module):
@@ -53,18 +54,25 @@ class _SyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed import _functional_collectives as collectives  # differentiable all_reduce
 
-        stats = torch.cat([x.new_full((1,), x.numel() / x.shape[1]), x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
-        count, total, squares = collectives.all_reduce(stats, "sum", dist.group.WORLD).split([1, x.shape[1],
-                                                                                                x.shape[1]])
-        mean = total / count
-        var = squares / count - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean, momentum)
-            self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+        # statistics, running averages and the normalisation in at least float32 (as torch's batch norm under
+        # autocast), the output in the input's dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x32 = upcast(x)
+            stats = torch.cat([x32.new_full((1,), x.numel() / x.shape[1]), x32.sum((0, 2, 3)),
+                               (x32 * x32).sum((0, 2, 3))])
+            count, total, squares = collectives.all_reduce(stats, "sum", dist.group.WORLD).split(
+                [1, x.shape[1], x.shape[1]])
+            mean = total / count
+            var = squares / count - mean * mean
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * count / (count - 1).clamp(min=1)).to(self.running_var.dtype), momentum)
+            y = (x32 - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+            if self.affine:
+                y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:
