@@ -8,19 +8,16 @@ forgetting, the inference GFLOPs and parameters after the last task, and the tra
 A method's own hyper-parameters (learning rate, loss weights, its extra stages) come from its yaml; the optimiser
 of each row is printed beside it. The prompt methods run on a ViT, as their papers do, in a table of their own.
 
-    python benchmarks/compare_methods.py [--seeds 1 2 3] [--methods icarl wa ...] [--reuse] [--out docs/results.md]
+    python -m benchmarks.tables.compare_methods [--seeds 1 2 3] [--methods icarl wa ...] [--reuse]
+                                                [--out docs/results.md]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.run import ROOT, RunFailed, finished_run, run_config
 
 # The common budget of the CNN table (digits, resnet32 / cosine_resnet32 from scratch).
 CNN_BUDGET = {"img_size": 16, "init_epochs": 5, "epochs": 5, "batch_size": 32, "memory_size": 200,
@@ -51,10 +48,10 @@ SHORT = {BASELINES[0][0]: "finetune, no memory", BASELINES[1][0]: "finetune + re
 
 def _config(method: str, overrides: list[str]):
     from methods import method_config
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.cli import parse_overrides
+    from trainer.config_loader import load_config
 
-    return load_config(os.path.join(ROOT, "options", method, "digits.yaml"), parse_cli_overrides(overrides),
-                       method_config)
+    return load_config(os.path.join(ROOT, "options", method, "digits.yaml"), parse_overrides(overrides), method_config)
 
 
 def _argv(budget: dict) -> list[str]:
@@ -89,34 +86,24 @@ def _optimiser(cfg) -> str:
     return ", ".join(parts)
 
 
-def _finished(log_root: str, method: str, note: str) -> str | None:
-    for folder, _, files in os.walk(os.path.join(log_root, method)):  # <note>, or <note>_<stamp> if it existed
-        name = os.path.basename(folder)
-        if (name == note or name.startswith(note + "_2")) and "results.json" in files:
-            with open(os.path.join(folder, "results.json")) as f:
-                if json.load(f).get("summary"):
-                    return os.path.join(folder, "results.json")
-    return None
-
-
 def run_row(row: dict, seeds: list[str], log_root: str, reuse: bool) -> dict:
+    """One row: its run on one thread in a subprocess (or, with `reuse`, its finished run under `log_root`)."""
     method, overrides = row["method"], row["overrides"]
     note = method + ("_nomem" if "no memory" in row["label"] else "")
-    cmd = [sys.executable, "main.py", "--config", f"options/{method}/digits.yaml", "--seed", *seeds, "--device",
-           "cpu", "--log_root", log_root, "--note", note, *overrides]
-    shown = " ".join(["python", *cmd[1:4], "--seed", *seeds, *overrides])
-    path = _finished(log_root, method, note) if reuse else None
-    if path is None:
+    config = ["--config", f"options/{method}/digits.yaml"]
+    argv = [*config, "--seed", *seeds, "--device", "cpu", "--note", note, *overrides]
+    shown = " ".join(["python", "main.py", *config, "--seed", *seeds, *overrides])
+    found = finished_run(log_root, note) if reuse else None
+    if found is None:
         print(f"running {row['label']}: {shown}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-        if proc.returncode != 0:
-            return {**row, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "cmd": shown}
-        path = _finished(log_root, method, note)
-    with open(path) as f:
-        results = json.load(f)
+        try:
+            found = run_config(argv, log_root=log_root, threads=1)
+        except RunFailed as err:
+            return {**row, "error": str(err), "cmd": shown}
+        finally:
+            print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    results = found[0]
     return {**row, "summary": results["summary"], "cmd": shown, "optimiser": _optimiser(_config(method, overrides))}
 
 
@@ -194,7 +181,7 @@ def plot(done: list[dict], path: str) -> None:
 
 
 def merging(args) -> list[str]:
-    """The section of benchmarks/dynammo_merging.py's table (as it wrote it), its PNG copied beside --out."""
+    """The section of benchmarks.tables.dynammo_merging's table (as it wrote it), its PNG copied beside --out."""
     if not args.merging:
         return []
     import shutil
@@ -217,20 +204,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--log_root", default=os.path.join(ROOT, "logs", "compare"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs found under --log_root")
-    parser.add_argument("--merging", help="the dynammo_merging.md that benchmarks/dynammo_merging.py wrote, to "
-                                          "include (with its PNG, copied beside --out)")
+    parser.add_argument("--merging", help="the dynammo_merging.md that benchmarks.tables.dynammo_merging wrote, "
+                                          "to include (with its PNG, copied beside --out)")
     args = parser.parse_args(argv)
     done = [run_row(r, args.seeds, args.log_root, args.reuse) for r in rows(args.methods)]  # one run at a time
     trained_min = sum(r["summary"]["train_time_s"]["mean"] * len(args.seeds) for r in done if "summary" in r) / 60
     png = os.path.splitext(args.out)[0] + ".png"
     seeds = " ".join(args.seeds)
     lines = ["# Methods compared on digits", "",
-             f"Generated by `python benchmarks/compare_methods.py --seeds {seeds}` ({time.strftime('%Y-%m-%d')}, CPU, "
-             f"one run at a time on one thread; training {trained_min:.0f} min summed over rows and seeds). Mean ± std "
-             f"over {len(args.seeds)} seeds ({seeds}); accuracies in %; \"last acc\" is the method's classifier of "
-             "record after the last task (NME for iCaRL, the network's head otherwise); GFLOPs = fvcore count "
-             "(multiply-adds) per image at test time after the last task; params = those the test-time forward "
-             "uses; train time = wall time of training summed over the tasks, per seed.", "",
+             f"Generated by `python -m benchmarks.tables.compare_methods --seeds {seeds}` "
+             f"({time.strftime('%Y-%m-%d')}, CPU, one run at a time on one thread; training {trained_min:.0f} min "
+             f"summed over rows and seeds). Mean ± std over {len(args.seeds)} seeds ({seeds}); accuracies in %; "
+             "\"last acc\" is the method's classifier of record after the last task (NME for iCaRL, the network's "
+             "head otherwise); GFLOPs = fvcore count (multiply-adds) per image at test time after the last task; "
+             "params = those the test-time forward uses; train time = wall time of training summed over the tasks, "
+             "per seed.", "",
              "## Methods on a ResNet-32 trained from scratch", "",
              "Budget, the same for every row: " + BUDGET_TEXT["cnn"].format(**CNN_BUDGET), "",
              *table([r for r in done if r["table"] == "cnn"]), "", "Targets of the comparison:", "",

@@ -1,13 +1,14 @@
 """Inference cost of the dynamic-architecture methods as tasks accumulate: ACL, DynaMMo and DER (w/o pruning).
 
 For resnet18 at 224 px (random weights: only the structure matters) and T = 1..max_tasks, each method is built
-through the registry exactly as a run builds it, `before_task` is called for every task (and DynaMMo merges its
+through the registry exactly as a run builds it, enters every task with `begin_task` (and DynaMMo merges its
 adapters, as after a task), and `method.predict`, the forward that evaluation runs, is measured:
-fvcore GMACs and the parameters it touches (utils/flops.inference_cost, per image), and CPU inference images/s
+fvcore GMACs and the parameters it touches (trainer/flops.inference_cost, per image), and CPU inference images/s
 on a small batch at a few values of T. Writes dynamic_cost.csv and dynamic_cost.png to the output folder.
 Nothing is asserted about time.
 
-    python benchmarks/dynamic_cost.py [out_dir] [--max_tasks 10] [--time_tasks 1 5 10] [--batch 4] [--threads N]
+    python -m benchmarks.tables.dynamic_cost [out_dir] [--max_tasks 10] [--time_tasks 1 5 10] [--batch 4]
+                                             [--threads N]
 
 Expected from shapes (GMACs): ACL ~ 0.12 + 2.50 T, DynaMMo ~ 2.62 flat, DER ~ 1.82 T.
 """
@@ -16,13 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
+from benchmarks.run import ROOT
 
 METHODS = ("acl", "dynammo", "dynamic_er")
 IMG_SIZE = 224
@@ -31,9 +30,9 @@ IMG_SIZE = 224
 def build(name: str, n_tasks: int):
     """The registered method on resnet18 at 224 px, with `n_tasks` one-class tasks (digits as a stand-in data
     set: only the number of tasks matters for the cost)."""
-    from methods import build_method, method_config
-    from utils.config import load_config
     from datasets.scenario import DataManager
+    from methods import build_method, method_config
+    from trainer.config_loader import load_config
 
     cli = {"method": name, "dataset": "digits", "backbone": "resnet18", "img_size": IMG_SIZE, "init_cls": 1,
            "increment": 1, "memory_size": 10, "device": "cpu"}
@@ -45,9 +44,7 @@ def build(name: str, n_tasks: int):
 
 
 def next_task(method) -> None:
-    task = method.data.tasks[0 if method.task is None else method.task.index + 1]
-    method.task = task
-    method.before_task(task)
+    method.begin_task(method.data.tasks[0 if method.task is None else method.task.index + 1])
     if getattr(method.network, "merged", None) is not None:  # DynaMMo: merge once after the task
         method.network.merge()
 
@@ -66,7 +63,7 @@ def images_per_s(method, batch: int, repeats: int = 2) -> float:
 
 
 def measure(max_tasks: int, time_tasks: set[int], batch: int) -> list[dict]:
-    from utils.flops import inference_cost
+    from trainer.flops import inference_cost
 
     rows = []
     for name in METHODS:

@@ -17,24 +17,22 @@ paired. Writes into the output folder (default benchmarks/out/, git-ignored): `l
 incremental accuracy, task-id accuracy, inference GFLOPs and parameters after the last task, and the issue's
 checks) and `dynammo_merging.png` (last accuracy against GFLOPs).
 
-    python benchmarks/dynammo_merging.py [--out benchmarks/out] [--seeds 1 2 3] [--jobs 1] [--reuse]
-                                         [--backbones task0 ssl] [--variants acl "dynammo mean" ...]
+    python -m benchmarks.tables.dynammo_merging [--out benchmarks/out] [--seeds 1 2 3] [--jobs 1] [--reuse]
+                                                [--backbones task0 ssl] [--variants acl "dynammo mean" ...]
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shlex
-import subprocess
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.run import ROOT, RunFailed, finished_run, run_config
+from trainer.metrics import mean_std
 #: key -> (label, config file, overrides, pretraining config writing the file the runs load, that file)
 BACKBONES = {
     "task0": ("task-0-trained", "digits.yaml", [], None, None),
@@ -63,15 +61,6 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label).strip("_")
 
 
-def results_of(folder: str) -> dict | None:
-    path = os.path.join(folder, "results.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    return results if results.get("summary") else None
-
-
 def run_one(backbone: str, label: str, method: str, overrides: list[str], seed: str, log_root: str,
             reuse: bool) -> dict:
     """One seed of one row; returns its metrics (or the error)."""
@@ -79,23 +68,21 @@ def run_one(backbone: str, label: str, method: str, overrides: list[str], seed: 
     config = os.path.join("options", method, config_file)
     overrides = [*backbone_overrides, *overrides]
     note = f"{backbone}_{slug(label)}_seed{seed}"
-    cmd = [sys.executable, "main.py", "--config", config, "--seed", seed, "--device", "cpu", "--log_root", log_root,
-           "--note", note, "--save_models", "false", *overrides]
+    argv = ["--config", config, "--seed", seed, "--device", "cpu", "--note", note, "--save_models", "false",
+            *overrides]
     row = {"backbone": label_b, "variant": label, "seed": int(seed),
            "command": " ".join(["python", "main.py", "--config", config, "--seed", seed, *overrides]),
            "all_seeds": " ".join(["python", "main.py", "--config", config, "--seed", "{seeds}", *overrides])}
-    folder = os.path.join(log_root, method, "digits", "resnet32_b2i2", note)
-    results = results_of(folder) if reuse else None
-    if results is None:
-        if os.path.isdir(folder):  # an unfinished or an old run of this name: start afresh
-            import shutil
-
+    found = finished_run(log_root, note) if reuse else None
+    if found is None:
+        folder = os.path.join(log_root, method, "digits", "resnet32_b2i2", note)
+        if os.path.isdir(folder):  # an unfinished or an old run of this name: start afresh, under the same name
             shutil.rmtree(folder)
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        results = results_of(folder)
-        if proc.returncode != 0 or results is None:
-            return {**row, "error": (proc.stderr.strip().splitlines() or ["no results.json"])[-1]}
-    run = results["runs"][0]
+        try:
+            found = run_config(argv, log_root=log_root, threads=1)
+        except RunFailed as err:
+            return {**row, "error": str(err)}
+    run = found[0]["runs"][0]
     last = run["tasks"][-1]
     print(f"{row['backbone']:>16} | {label:<32} seed {seed}: last {run['last_acc']:.2f}", flush=True)
     return {**row, "last_acc": run["last_acc"], "avg_incremental_acc": run["avg_incremental_acc"],
@@ -108,14 +95,13 @@ def ensure_pretrained(backbone: str) -> None:
     if config is None or os.path.isfile(os.path.join(ROOT, path)):
         return
     print(f"{path} is missing: python main.py --config {config}", flush=True)
-    subprocess.run([sys.executable, "main.py", "--config", config, "--device", "cpu",
-                    "--log_root", os.path.join("logs", "pretrain")], cwd=ROOT, check=True,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_config(["--config", config, "--device", "cpu"], log_root=os.path.join(ROOT, "logs", "pretrain"), threads=1)
 
 
-def mean_std(values: list) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None]
-    return (float(np.mean(values)), float(np.std(values))) if values else None
+def mean_and_std(values: list) -> tuple[float, float] | None:
+    """(mean, population std) over the seeds that have the value, or None: trainer.metrics.mean_std as a pair."""
+    stat = mean_std(values)
+    return None if stat["mean"] is None else (stat["mean"], stat["std"])
 
 
 def fmt(stat, digits: int = 2) -> str:
@@ -132,7 +118,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         ok = [r for r in rs if "error" not in r]
         table.append({"backbone": backbone, "variant": variant, "seeds": len(ok),
                       "errors": [r["error"] for r in rs if "error" in r],
-                      **{k: mean_std([r[k] for r in ok]) for k in
+                      **{k: mean_and_std([r[k] for r in ok]) for k in
                          ("last_acc", "avg_incremental_acc", "task_id_acc", "gflops", "params")}})
     return table
 
@@ -174,7 +160,7 @@ def write_outputs(out: str, runs: list[dict], seeds: list[str]) -> str:
             writer.writerow({k: r.get(k) for k in fields})
     table = summarise(runs)
     lines = ["# DynaMMo's merges against ACL on digits", "",
-             f"Generated by `python benchmarks/dynammo_merging.py {shlex.join(shown_args())}` "
+             f"Generated by `python -m benchmarks.tables.dynammo_merging {shlex.join(shown_args())}` "
              f"({time.strftime('%Y-%m-%d')}, "
              "CPU, one thread per run). scikit-learn digits, 5 tasks of 2 classes, class order shuffled by each "
              "seed, 200-sample herding memory, resnet32 at 8 px. Mean ± std over seeds; accuracies in %; "
