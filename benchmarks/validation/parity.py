@@ -1,7 +1,8 @@
 """Run every `options/*/digits.yaml` once (seed 1) and record what a refactoring must not change.
 
-    python benchmarks/parity.py run --out before.json [--root CHECKOUT] [--jobs 2]
-    python benchmarks/parity.py compare before.json after.json
+    python -m benchmarks.validation.parity run --out before.json [--root CHECKOUT] [--jobs 2] [--methods m ...]
+                                               [--args "--amp false"]
+    python -m benchmarks.validation.parity compare before.json after.json
 
 `run` trains each config through `main.py` in a subprocess with one thread (so the numbers do not depend on
 the machine's thread count) and writes, per config, the accuracy matrix, last and average incremental accuracy,
@@ -14,26 +15,24 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.run import ROOT, RunFailed, run_config
+
 KEYS = ("acc_matrix", "last_acc", "avg_incremental_acc")
 
 
 def run_one(root: str, config: str, log_root: str, extra: list[str]) -> dict:
+    """One config of checkout `root`, seed 1, in a subprocess on one thread (its log root of its own)."""
     name = os.path.relpath(config, root)
-    cmd = [sys.executable, "main.py", "--config", name, "--seed", "1", "--device", "cpu", "--log_root",
-           os.path.join(log_root, name.replace("/", "_")), *extra]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    (path,) = glob.glob(os.path.join(log_root, name.replace("/", "_"), "**", "results.json"), recursive=True)
-    with open(path) as f:
-        run = json.load(f)["runs"][0]
+    argv = ["--config", name, "--seed", "1", "--device", "cpu", *extra]
+    try:
+        results, _ = run_config(argv, log_root=os.path.join(log_root, name.replace("/", "_")), root=root, threads=1)
+    except RunFailed as err:
+        return {"error": str(err)}
+    run = results["runs"][0]
     return {**{k: run[k] for k in KEYS}, "gflops": [t["gflops"] for t in run["tasks"]],
             "params": [t["params"] for t in run["tasks"]], "train_time_s": sum(t["train_time_s"] for t in run["tasks"])}
 

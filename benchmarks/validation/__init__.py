@@ -1,0 +1,1 @@
+"""Checks that a change of code changes no number: parity runs every digits config and compares two records."""
