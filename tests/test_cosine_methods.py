@@ -1,4 +1,15 @@
-"""UCIR and PODNet: the cosine classifier, their losses on hand-computed numbers, and what each stage may train."""
+"""UCIR and PODNet: the cosine classifier, their losses on hand-computed numbers, and what each stage may train.
+
+Known answers: UCIR's CE of the scaled cosines, less-forget and margin-ranking losses, and PODNet's NCA, POD-flat
+and POD-spatial losses recomputed from the papers' formulas on a fixed batch with a perturbed student and teacher
+(the cosine scores with their local-similarity proxies and bounded scale written out in _cosine_scores); the
+scale's bound; and the imprinted weights of new classes (UCIR: the normalised mean feature, PODNet: one proxy per
+feature cluster). The formulas are in tests/formulas.py, the builders of a method on the digits fixture in
+tests/method_builders.py; the teacher and NME tests that also mark UCIR and PODNet are in
+tests/test_distillation_methods.py.
+
+To add a method of this family, copy the test of UCIR (test_ucir_losses_ce_less_forget_and_margin_ranking).
+"""
 import copy
 import math
 import os
@@ -8,14 +19,16 @@ import torch
 
 from backbone.cosine_linear import CosineClassifier, CosineIncrementalNet
 from backbone.resnet_cifar import ResNet32
-from conftest import ROOT, run_stage
+from conftest import ROOT, known_answer, run_stage
 from datasets.scenario import DataManager
+from formulas import ce, close, cosine, logsumexp, unit
+from method_builders import build, perturb, samples, start
 from methods import build_method, method_config
 from trainer.config_loader import load_config
 from utils.losses import feature_distillation, margin_ranking_loss, nca_loss, pod_spatial
 from utils.registry import UserError
 from trainer.engine.engine import Engine
-from utils.types import OptimConfig
+from utils.types import Action, OptimConfig
 
 
 def test_cosine_classifier_scores_are_sigma_times_cosine():
@@ -142,3 +155,155 @@ def test_checkpoint_restores_by_replaying_begin_task():
 def test_settings_the_methods_cannot_run_are_user_errors(name, overrides, match):
     with pytest.raises(UserError, match=match):
         _method(name, **overrides)
+
+
+# ============================================================ UCIR ================================================
+def _cosine_scores(network, x):
+    """(features, σ-free class similarities ŷ, σ): ŷ_c = Σ_k softmax_k(s_ck) s_ck over the cosines s_ck of the
+    feature to class c's K proxies (plain cosines for K = 1)."""
+    f = network.backbone(x)
+    head = network.head
+    s = unit(f) @ unit(torch.cat(list(head.parts))).T
+    k = head.nb_proxy
+    s = s.view(len(x), -1, k)
+    y_hat = (torch.softmax(s, 2) * s).sum(2)
+    m = head.max_sigma
+    sigma = head.log_sigma.exp() if m is None else m / (1 + torch.exp(-(head.log_sigma - math.log(m - 1))))
+    return f, y_hat, sigma
+
+
+@known_answer("ucir")
+def test_ucir_losses_ce_less_forget_and_margin_ranking():
+    method = build("ucir")
+    for t in range(2):
+        start(method, t)
+    perturb(method.network, seed=1)
+    start(method, 2)  # known 4, new 2
+    perturb(method.network, seed=2)
+    with torch.no_grad():
+        method.network.head.log_sigma.fill_(0.7)
+    x, y = samples(method, range(6))
+    method.train()
+    losses = method.training_step(x, y)
+    f, cos, sigma = _cosine_scores(method.network, x)
+    f_old, cos = method.old_network.backbone(x), cos.detach()
+    assert set(losses) == {"ce", "less_forget", "margin_ranking"}
+    close(losses["ce"], ce(sigma * cos, y, 0, 6))
+    lam = method.cfg.lambda_base * math.sqrt(4 / 2)
+    close(losses["less_forget"], lam * (1 - cosine(f, f_old)).mean())
+    terms = [max(0.0, method.cfg.margin - float(cos[i, y[i]]) + float(hard))
+             for i in range(len(y)) if y[i] < 4 for hard in cos[i, 4:].topk(method.cfg.K).values]
+    close(losses["margin_ranking"], sum(terms) / len(terms))
+
+
+class _FixedFeatures:
+    """An inference stand-in whose features of a dataset are hand-made: row i belongs to dataset sample i."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __call__(self, fn, dataset, module, batch_size=256, whole=False):
+        assert len(dataset) == len(self.features)
+        return self.features, torch.as_tensor(dataset.targets)
+
+
+@known_answer("ucir")
+def test_ucir_imprints_new_class_weights_with_the_normalised_mean_of_normalised_features():
+    method = build("ucir")
+    start(method, 0)
+    task = start(method, 1)
+    labels = method.data.train_y[method.data.indices("train", task.classes)]
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(len(labels), 64, generator=g) * torch.rand(len(labels), 1, generator=g) * 3
+    imprint, = [s for s in method.stages(task, None, _FixedFeatures(features)) if isinstance(s, Action)]
+    with torch.no_grad():
+        imprint.run()
+    part = method.network.head.parts[-1]
+    for row, c in enumerate(task.classes):
+        expected = unit(unit(features[torch.as_tensor(labels == c)]).mean(0, keepdim=True))[0]
+        torch.testing.assert_close(unit(part[row:row + 1])[0], expected, atol=1e-5, rtol=1e-5)
+
+
+# ============================================================ PODNet ==============================================
+def _pod_maps(backbone, x, names):
+    maps = []
+    hooks = [backbone.get_submodule(n).register_forward_hook(lambda m, i, out: maps.append(out)) for n in names]
+    try:
+        backbone(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps
+
+
+@known_answer("podnet")
+def test_podnet_losses_nca_pod_flat_and_pod_spatial():
+    method = build("podnet", "--nb_proxy", "3")
+    for t in range(2):
+        start(method, t)
+    perturb(method.network, seed=1)
+    start(method, 2)  # seen 6, new 2: factor sqrt(6 / 2)
+    perturb(method.network, seed=2)
+    with torch.no_grad():
+        method.network.head.log_sigma.fill_(1.2)
+    x, y = samples(method, range(6))
+    method.train()
+    losses = method.training_step(x, y)
+    f, y_hat, sigma = _cosine_scores(method.network, x)
+    z = (sigma * y_hat).detach()
+    assert set(losses) == {"nca", "pod_flat", "pod_spatial"}
+    delta = method.cfg.nca_margin
+    nca = [max(0.0, float(logsumexp(torch.cat([z[i, :y[i]], z[i, y[i] + 1:]])) - (z[i, y[i]] - delta)))
+           for i in range(len(y))]
+    close(losses["nca"], sum(nca) / len(nca))
+    factor = math.sqrt(6 / 2)
+    f_old = method.old_network.backbone(x)
+    close(losses["pod_flat"], method.cfg.lambda_f_base * factor * (1 - cosine(f, f_old)).mean())
+    names = method.cfg.layer_names
+    per_layer = []
+    for new, old in zip(_pod_maps(method.network.backbone, x, names), _pod_maps(method.old_network.backbone, x, names)):
+        def phi(h):  # pooled over the height and over the width, concatenated, L2-normalised
+            h = h.pow(2)
+            return unit(torch.cat([h.sum(2).flatten(1), h.sum(3).flatten(1)], 1))
+        per_layer.append((phi(new) - phi(old)).norm(dim=1).mean())
+    close(losses["pod_spatial"], method.cfg.lambda_c_base * factor * torch.stack(per_layer).mean())
+
+
+@known_answer("podnet")
+def test_podnet_scale_starts_at_one_and_stays_below_its_bound():
+    method = build("podnet")
+    start(method, 0)
+    head = method.network.head
+    assert float(head.sigma) == pytest.approx(1.0)
+    for s in (3.0, 50.0):
+        with torch.no_grad():
+            head.log_sigma.fill_(s)
+        m = method.cfg.max_scale
+        assert float(head.sigma) == pytest.approx(m / (1 + math.exp(-(s - math.log(m - 1)))))
+        assert float(head.sigma) <= m
+    assert float(head.sigma) > 0.99 * method.cfg.max_scale
+    x, _ = samples(method, range(2), per_class=2)
+    method.eval()
+    with torch.no_grad():
+        f, y_hat, sigma = _cosine_scores(method.network, x)
+        torch.testing.assert_close(method.network(x)["logits"], sigma * y_hat, atol=1e-4, rtol=1e-5)
+
+
+@known_answer("podnet")
+def test_podnet_imprints_the_proxies_of_a_new_class_at_the_centres_of_its_feature_clusters():
+    method = build("podnet", "--nb_proxy", "2")
+    start(method, 0)
+    task = start(method, 1)
+    labels = method.data.train_y[method.data.indices("train", task.classes)]
+    g = torch.Generator().manual_seed(6)
+    centres = unit(torch.randn(4, 64, generator=g))  # two tight clusters per class: 0, 1 for class 2; 2, 3 for 3
+    cluster = torch.as_tensor([2 * (c - 2) + (i % 2) for i, c in enumerate(labels)])
+    features = (centres[cluster] + 0.01 * torch.randn(len(labels), 64, generator=g)) * 5.0
+    imprint, = [s for s in method.stages(task, None, _FixedFeatures(features)) if isinstance(s, Action)]
+    with torch.no_grad():
+        imprint.run()
+    proxies = unit(method.network.head.parts[-1].detach()).view(2, 2, 64)
+    for c in range(2):
+        means = torch.stack([unit(unit(features[cluster == k]).mean(0, keepdim=True))[0] for k in (2 * c, 2 * c + 1)])
+        match = proxies[c] @ means.T  # each proxy is one cluster's normalised mean, each cluster has one proxy
+        assert match.max(1).values.min() > 0.9999 and sorted(match.argmax(1).tolist()) == [0, 1]

@@ -1,5 +1,16 @@
-"""ACL, DynaMMo and DER: adapter shapes and sizes, the merges (known answers), the single merged pass, inference
-cost of every merge variant, checkpoints, and ACL and DynaMMo runs of one seed sharing their task adapters."""
+"""ACL, DynaMMo and DER (dynamic_er): adapter shapes and sizes, the merges (known answers), the single merged pass,
+inference cost of every merge variant, checkpoints, and ACL and DynaMMo runs of one seed sharing their task
+adapters.
+
+Known answers: DER's CE over the concatenated extractors, auxiliary CE with an "others" class and balanced-head CE,
+its frozen old extractor; ACL's "others" CE of the new task's head on its own adapters and its min-others routing
+(written out in _routing_by_hand); DynaMMo's merged adapters (the mean of the task adapters) and its prediction
+through them; the merge strategies on hand-made weights. The formulas are in tests/formulas.py, the builders of a
+method on the digits fixture in tests/method_builders.py.
+
+To add a method of this family, copy the test of ACL
+(test_acl_stage_one_is_others_ce_of_the_new_tasks_head_on_its_own_adapters).
+"""
 import glob
 import os
 
@@ -11,7 +22,9 @@ from backbone import build_backbone
 from torch import nn
 
 from backbone.adapters import MERGED, Adapter, AdapterNet, merge_vectors
-from conftest import ROOT, TINY, run_stage
+from conftest import ROOT, known_answer, run_stage
+from formulas import ce, close, logsumexp
+from method_builders import build, perturb, positions, samples, start
 from methods import build_method, method_config
 from trainer.results import read_results
 from trainer import checkpoint
@@ -21,7 +34,7 @@ from datasets.scenario import DataManager
 from trainer.flops import inference_cost
 from utils.registry import UserError
 from trainer.engine.engine import Engine
-from utils.types import OptimConfig
+from utils.types import Action, OptimConfig, Stage
 
 
 def make_method(name, *overrides):
@@ -307,3 +320,130 @@ def test_acl_and_dynammo_of_one_seed_share_their_task_adapters(tmp_path):
 def test_acl_without_memory_is_a_user_error():
     with pytest.raises(UserError, match="memory_size > 0"):
         make_method("acl", "--memory_size", "0")
+
+
+# ============================================================ DER =================================================
+@known_answer("dynamic_er")
+def test_der_losses_ce_over_all_extractors_and_aux_ce_with_an_others_class():
+    method = build("dynamic_er")
+    start(method, 0)
+    perturb(method.network, seed=1)
+    start(method, 1)
+    perturb(method.network, seed=2)
+    x, y = samples(method, range(4))
+    method.train()
+    losses = method.training_step(x, y)
+    net = method.network
+    features = [b(x) for b in net.backbones]
+    assert len(features) == 2 and set(losses) == {"ce", "aux_ce"}
+    close(losses["ce"], ce(net.fc(torch.cat(features, 1)), y, 0, 4))
+    aux_target = torch.where(y >= 2, y - 2, torch.full_like(y, 2))  # new classes 0..1, any old class: 2
+    close(losses["aux_ce"], ce(net.aux_fc(features[1]), aux_target, 0, 3))
+    with torch.no_grad():
+        method.balanced_fc.weight.normal_()
+    balanced = method.balance_step(x, y)
+    close(balanced["balanced_ce"], ce(method.balanced_fc(torch.cat(features, 1)) / method.cfg.T, y, 0, 4))
+
+
+@known_answer("dynamic_er")
+def test_der_old_extractor_is_frozen_and_unchanged_by_a_task_and_the_balanced_head_replaces_the_classifier():
+    method = build("dynamic_er")
+    start(method, 0)
+    task = start(method, 1)
+    old, new = method.network.backbones
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in (old, new)]
+    modes = []
+    old.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    subset = method.data.dataset("train", positions(method, range(4), 8))
+    stage = next(s for s in method.stages(task, subset, None) if s.name == "train")
+    Engine(torch.device("cpu")).fit(method, task, Stage("train", lambda: subset, stage.optim, stage.step))
+    assert all(torch.equal(v, before[0][k]) for k, v in old.state_dict().items())  # weights and BN statistics
+    assert not all(torch.equal(v, before[1][k]) for k, v in new.state_dict().items())
+    assert modes and not any(modes)  # the old extractor runs in eval mode while the new one trains
+    with torch.no_grad():
+        method.balanced_fc.weight.normal_()
+    method.memory = None
+    method.after_task(task, None)
+    torch.testing.assert_close(method.network.fc.weight, method.balanced_fc.weight)
+
+
+# ============================================================ ACL / DynaMMo =======================================
+def _adapter_method(name, n_tasks, *overrides):
+    method = build(name, *overrides)
+    for t in range(n_tasks):
+        start(method, t)
+    perturb(method.network, seed=7, scale=0.05)
+    return method
+
+
+def _routing_by_hand(logits):
+    """Min-others routing: p_i = softmax(z_i), u_i = p_i[others]; task t* = argmin u_i; score of class c of task
+    i: (1 - u_i) p_i[c] / max_k p_i[k]."""
+    probs = [torch.exp(z.double() - logsumexp(z, 1)[:, None]) for z in logits]
+    others = torch.stack([p[:, -1] for p in probs], 1)
+    scores = torch.cat([(1 - p[:, -1:]) * p[:, :-1] / p[:, :-1].max(1, keepdim=True).values for p in probs], 1)
+    return others.argmin(1), scores
+
+
+@known_answer("acl")
+def test_acl_stage_one_is_others_ce_of_the_new_tasks_head_on_its_own_adapters():
+    method = _adapter_method("acl", 2)
+    x, y = samples(method, range(4))
+    method.train()
+    losses = method.training_step(x, y)
+    z = method.network.heads[1](method.network.forward_paths(x, [1])[0])
+    target = torch.where(y >= 2, y - 2, torch.full_like(y, 2))
+    close(losses["ce"], ce(z, target, 0, 3))
+    heads = method.heads_step(x, y)
+    features = method.network.forward_paths(x, [0, 1])
+    per_head = [ce(method.network.heads[0](features[0]), torch.where(y < 2, y, torch.full_like(y, 2)), 0, 3),
+                ce(method.network.heads[1](features[1]), target, 0, 3)]
+    close(heads["heads_ce"], (per_head[0] + per_head[1]) / 2)
+
+
+@known_answer("acl")
+def test_acl_routes_each_sample_to_the_head_least_sure_it_is_another_tasks():
+    method = _adapter_method("acl", 3)
+    x, _ = samples(method, range(6), per_class=2)
+    method.eval()
+    with torch.no_grad():
+        for head, bias in zip(method.network.heads, ([0.0, 1.0, 2.5], [2.0, 0.0, 0.5], [0.0, 0.0, 3.0])):
+            head.weight.mul_(0.2)
+            head.bias.copy_(torch.tensor(bias))
+        scores = method.predict(x)
+        features = method.network.forward_paths(x, [0, 1, 2])
+        task_id, expected = _routing_by_hand([h(f) for h, f in zip(method.network.heads, features)])
+    assert torch.equal(scores["task_id"], task_id)
+    torch.testing.assert_close(scores["cnn"].double(), expected, atol=1e-5, rtol=1e-5)
+    picked = expected.argmax(1)
+    assert torch.equal(picked // 2, task_id)  # the argmax class lies in the routed task
+
+
+@known_answer("dynammo")
+def test_dynammo_merges_the_task_adapters_into_their_mean_and_predicts_through_it():
+    method = _adapter_method("dynammo", 3, "--recalibrate_bn", "false")
+    net = method.network
+    with torch.no_grad():
+        for t, value in enumerate((1.0, 2.0, 6.0)):
+            for point in net.adapters:
+                for name, tensor in point[t].state_dict().items():
+                    if tensor.is_floating_point():
+                        tensor.fill_(value * (0.01 if "weight" in name or "alpha" in name else 1.0))
+    method.task = method.data.tasks[0]  # as after the first task: no balanced set is needed for the merge
+    merge, = [s for s in method.stages(method.task, None, None) if isinstance(s, Action)]
+    with torch.no_grad():
+        merge.run()
+    for point in net.merged:
+        for name, tensor in point.state_dict().items():
+            if tensor.is_floating_point():
+                scale = 0.01 if "weight" in name or "alpha" in name else 1.0
+                torch.testing.assert_close(tensor, torch.full_like(tensor, 3.0 * scale))
+    method.task = method.data.tasks[2]
+    x, _ = samples(method, range(6), per_class=2)
+    method.eval()
+    with torch.no_grad():
+        scores = method.predict(x)
+        f = net.forward_paths(x, ["merged"])[0]
+        task_id, expected = _routing_by_hand([h(f) for h in net.heads])
+    assert torch.equal(scores["task_id"], task_id)
+    torch.testing.assert_close(scores["cnn"].double(), expected, atol=1e-5, rtol=1e-5)
