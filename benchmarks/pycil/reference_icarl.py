@@ -1,7 +1,7 @@
 """iCaRL on the budget users compare frameworks with, seed by seed: per-task NME and CNN accuracy and wall time.
 
-    python benchmarks/reference_icarl.py [--seeds 1993 1 2] [--epochs 10] [--threads 1] [--jobs 1] [--pycil DIR]
-        [--pycil_torch_seed fixed|run] [--ours_init seed|pycil]
+    python -m benchmarks.pycil.reference_icarl [--seeds 1993 1 2] [--epochs 10] [--threads 1] [--jobs 1]
+        [--pycil DIR] [--pycil_torch_seed fixed|run] [--ours_init seed|pycil]
 
 The budget (PyCIL's iCaRL loop on scikit-learn's digits): the stratified 80/20 split of datasets/digits.py,
 images resized to 32 px, no augmentation, resnet32, 5 tasks x 2 classes in the order
@@ -21,7 +21,10 @@ from one and the same initial network; here a seed draws the class order, the in
 orders. `--pycil_torch_seed run` seeds PyCIL's torch with the run's seed (a PyCIL that varies what ours
 varies); `--ours_init pycil` starts our runs from PyCIL's initial backbone (what every PyCIL seed starts from),
 through our `pretrain_path`.
-benchmarks/reference_icarl_paired.py compares the two piece by piece on the same inputs (weights, batches).
+benchmarks.pycil.reference_icarl_paired compares the two piece by piece on the same inputs (weights, batches),
+benchmarks.pycil.reference_icarl_fork from one shared state onward; benchmarks/pycil/README.md tells how to get a
+PyCIL checkout, and docs/icarl_vs_pycil.md holds the results. The pieces those two scripts share live here:
+the budget (BUDGET, pycil_budget) and the running of a script in the PyCIL checkout (run_in_pycil).
 """
 from __future__ import annotations
 
@@ -31,15 +34,14 @@ import json
 import multiprocessing
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.run import run_config
+from trainer.metrics import mean_std
 
 BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--img_size", "32", "--init_cls", "2",
           "--increment", "2", "--memory_size", "200", "--batch_size", "32", "--lrate", "0.1", "--init_lrate", "0.1",
@@ -48,14 +50,13 @@ BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--
 
 
 def ours(seed: int, epochs: int, log_root: str, backbone: str | None = None) -> dict:
-    """One seed of our iCaRL on the budget; `backbone`: a file of initial backbone weights (else drawn from seed)."""
-    import main
-
-    os.chdir(ROOT)
+    """One seed of our iCaRL on the budget, in this process; `backbone`: a file of initial backbone weights (else
+    drawn from seed)."""
     start = time.perf_counter()
     start_from = ["--pretrained", "true", "--pretrain_path", backbone] if backbone else []
-    run = main.main([*BUDGET, "--seed", str(seed), "--epochs", str(epochs), "--init_epochs", str(epochs),
-                     "--log_root", log_root, *start_from])["runs"][0]
+    results, _ = run_config([*BUDGET, "--seed", str(seed), "--epochs", str(epochs), "--init_epochs", str(epochs),
+                             *start_from], log_root=log_root)
+    run = results["runs"][0]
     return {"nme": [t["nme_acc"] for t in run["tasks"]], "cnn": [t["cnn_acc"] for t in run["tasks"]],
             "seconds": time.perf_counter() - start}
 
@@ -64,9 +65,9 @@ def ours(seed: int, epochs: int, log_root: str, backbone: str | None = None) -> 
 # 8 workers), not from the JSON config: the budget is set there, before its main.py runs; no file is changed.
 # PyCIL's trainer seeds torch with 1 whatever the seed (trainer._set_random), so its seeds share one initial
 # network; torch_seed "run" seeds torch with the run's seed instead (as this framework does), by replacing that
-# function before its main.py runs.
+# function before its main.py runs. Every script here runs as `python -c` with cwd = the PyCIL checkout, which
+# puts that directory first on sys.path: its trainer, models and utils are the ones imported.
 PYCIL_RUN = """import runpy, sys
-sys.path.insert(0, ".")
 import torch
 import models.icarl as icarl
 for name, value in {budget!r}.items():
@@ -81,9 +82,7 @@ runpy.run_path("main.py", run_name="__main__")
 
 # PyCIL's initial backbone as its trainer builds it for every seed (torch seeded with 1, then IncrementalNet),
 # saved under our resnet32's tensor names (the two definitions hold the same tensors in the same order)
-PYCIL_INIT = """import sys
-sys.path.insert(0, ".")
-import torch
+PYCIL_INIT = """import torch
 from utils.inc_net import IncrementalNet
 torch.manual_seed(1)
 net = IncrementalNet({{"convnet_type": "resnet32", "dataset": "digits", "device": [torch.device("cpu")]}}, False)
@@ -111,12 +110,11 @@ def pycil_backbone(root: str, path: str) -> str:
     return path
 
 
-# the head of a script run in the PyCIL checkout (reference_icarl_paired.py, reference_icarl_fork.py), its options
-# as JSON in argv[1]: PyCIL's modules first on the path, one thread, the budget on models/icarl.py's constants
+# the head of a script run in the PyCIL checkout (reference_icarl_paired, reference_icarl_fork), its options as
+# JSON in argv[1]: one thread, the budget on models/icarl.py's constants
 PYCIL_PRELUDE = r"""
 import copy, json, sys
 import numpy as np, torch
-sys.path.insert(0, ".")
 opts = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 import models.icarl as icarl
@@ -183,18 +181,22 @@ def table(name: str, results: dict) -> str:
     for seed, r in results.items():
         lines.append(f"| {seed} | {', '.join(f'{v:.1f}' for v in r['nme'])} | {', '.join(f'{v:.1f}' for v in r['cnn'])}"
                      f" | {r['nme'][-1]:.2f} | {r['seconds']:.0f} |")
-    last = [r["nme"][-1] for r in results.values()]
-    spread = f" +- {statistics.stdev(last):.2f} (std over {len(last)} seeds)" if len(last) > 1 else ""
-    return "\n".join(lines + [f"mean last NME accuracy: {statistics.mean(last):.2f}{spread}"])
+    last = mean_std([r["nme"][-1] for r in results.values()])
+    n = len(results)
+    sample_std = last["std"] * (n / (n - 1)) ** 0.5 if n > 1 else None  # the seeds are a sample: n - 1
+    spread = f" +- {sample_std:.2f} (std over {n} seeds)" if n > 1 else ""
+    return "\n".join(lines + [f"mean last NME accuracy: {last['mean']:.2f}{spread}"])
 
 
 def paired_difference(results: dict) -> str:
     """Ours minus PyCIL in last NME over the seeds both ran (a seed gives both the same class order), with the
     standard error of that mean difference."""
     seeds = [s for s in results["ours"] if s in results["pycil"]]
-    diffs = [results["ours"][s]["nme"][-1] - results["pycil"][s]["nme"][-1] for s in seeds]
-    se = f", standard error {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}" if len(diffs) > 1 else ""
-    return f"last NME, ours - PyCIL: {statistics.mean(diffs):+.2f} over {len(diffs)} seeds{se}"
+    diff = mean_std([results["ours"][s]["nme"][-1] - results["pycil"][s]["nme"][-1] for s in seeds])
+    n = len(seeds)
+    # sample std / sqrt(n), from the population std: std * sqrt(n / (n - 1)) / sqrt(n) = std / sqrt(n - 1)
+    se = f", standard error {diff['std'] / (n - 1) ** 0.5:.2f}" if n > 1 else ""
+    return f"last NME, ours - PyCIL: {diff['mean']:+.2f} over {n} seeds{se}"
 
 
 def one_run(job: tuple) -> tuple:

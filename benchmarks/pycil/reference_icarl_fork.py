@@ -1,28 +1,27 @@
 """Our iCaRL and PyCIL's trained onward from one and the same state: where in a run does a gap between them open?
 
-    python benchmarks/reference_icarl_fork.py --pycil DIR [--seed 1] [--fork 4] [--repeats 4]
+    python -m benchmarks.pycil.reference_icarl_fork --pycil DIR [--seed 1] [--fork 4] [--repeats 4]
 
 PyCIL (its own learner and loops in its checkout, torch seeded with 1 as its trainer does, the budget of
-reference_icarl.py) trains tasks 0..fork-1 of the seed and saves its state: network, exemplar memory, per-task
-NME. Then task `fork` is trained `--repeats` times from that state by each framework, each repeat with its own
-draw of batch order and new head rows (PyCIL: torch seeded 1000 + r; ours: run seed 1000 + r), and the NME after
-it is printed per repeat. Ours starts from PyCIL's state loaded into our iCaRL (the network by tensor order, the
-exemplars as train-pool positions, matched by image); its NME at the fork, from our class means of PyCIL's
-network and exemplars, is printed beside PyCIL's. Equal distributions after the fork place any gap before it.
+benchmarks.pycil.reference_icarl) trains tasks 0..fork-1 of the seed and saves its state: network, exemplar
+memory, per-task NME. Then task `fork` is trained `--repeats` times from that state by each framework, each
+repeat with its own draw of batch order and new head rows (PyCIL: torch seeded 1000 + r; ours: run seed
+1000 + r), and the NME after it is printed per repeat. Ours starts from PyCIL's state loaded into our iCaRL (the
+network by tensor order, the exemplars as train-pool positions, matched by image); its NME at the fork, from our
+class means of PyCIL's network and exemplars, is printed beside PyCIL's. Equal distributions after the fork place
+any gap before it.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from statistics import mean
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks.pycil import reference_icarl
+from benchmarks.run import ROOT
+from trainer.metrics import mean_std
 
 # run in the PyCIL checkout after reference_icarl.PYCIL_PRELUDE
 PYCIL_SIDE = r"""
@@ -55,21 +54,21 @@ torch.save({"order": list(dm._class_order), "curve": curve, "onward": onward, "r
 
 def ours_onward(theirs: dict, seed: int, fork: int, repeats: int) -> tuple[float | None, list[float]]:
     """Our NME at the fork (PyCIL's network and exemplars, our class means) and after task `fork` per repeat."""
-    import reference_icarl
     from methods import method_config
+    from trainer.cli import parse_overrides
+    from trainer.config_loader import load_config
     from trainer.evaluation import evaluate
-    from trainer.task_loop import build
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.task_loop import SeedRun
 
     cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"),
-                      parse_cli_overrides(reference_icarl.BUDGET[2:] + ["--seed", str(seed)]), method_config)
+                      parse_overrides(reference_icarl.BUDGET[2:] + ["--seed", str(seed)]), method_config)
 
     def at_fork(run_seed: int):
-        data, method, engine = build(cfg, seed, torch.device("cpu"))
+        run = SeedRun(cfg, seed, torch.device("cpu"))
+        data, method, engine = run.data, run.method, run.engine
         assert list(data.class_order) == theirs["order"], (data.class_order, theirs["order"])
         for task in data.tasks[:fork]:  # our network grows its head to the fork's classes
-            method.task = task
-            method.before_task(task)
+            method.begin_task(task)
         names = list(method.network.state_dict())
         method.network.load_state_dict(dict(zip(names, theirs["state"].values())))
         rows, targets = np.asarray(theirs["rows"], dtype=np.int64), np.asarray(theirs["targets"], dtype=np.int64)
@@ -82,18 +81,17 @@ def ours_onward(theirs: dict, seed: int, fork: int, repeats: int) -> tuple[float
     at = None
     if fork > 0:
         data, method, engine = at_fork(seed)
-        method.class_means = method.memory.class_means(data, method.features_of(engine))
+        method.class_means = method.memory.class_means(data, method.features_of(engine.infer))
         at = evaluate(method, engine, data, data.tasks[fork - 1], cfg)["nme"]["acc"]
     onward = []
     for r in range(repeats):
         data, method, engine = at_fork(1000 + r)
         task = data.tasks[fork]
-        method.task = task
-        method.before_task(task)
+        method.begin_task(task)
         method.to(engine.device)
         engine.train(method, task, method.stages(task, data.dataset("train", data.indices("train", task.classes)),
-                                                 engine))
-        method.after_task(task, engine)
+                                                 engine.infer))
+        method.end_task(task, engine.infer)
         onward.append(evaluate(method, engine, data, task, cfg)["nme"]["acc"])
     return at, onward
 
@@ -107,8 +105,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not 0 <= args.fork <= 4:
         parser.error("--fork is a task index of the 5-task budget: 0..4")
-    import reference_icarl
-
     torch.set_num_threads(1)
     theirs = reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, args.seed, 10, fork=args.fork,
                                           repeats=args.repeats)
@@ -116,8 +112,8 @@ def main(argv=None) -> dict:
     print(f"seed {args.seed}: PyCIL's NME per task up to the fork {theirs['curve']}; ours at the fork, from the "
           f"same network and exemplars: {at}")
     print(f"NME after task {args.fork}, {args.repeats} trainings each from that state:")
-    print(f"| PyCIL | {', '.join(f'{v:.2f}' for v in theirs['onward'])} | mean {mean(theirs['onward']):.2f} |")
-    print(f"| ours | {', '.join(f'{v:.2f}' for v in onward)} | mean {mean(onward):.2f} |")
+    for name, values in (("PyCIL", theirs["onward"]), ("ours", onward)):
+        print(f"| {name} | {', '.join(f'{v:.2f}' for v in values)} | mean {mean_std(values)['mean']:.2f} |")
     return {"curve": theirs["curve"], "at_fork": at, "pycil": theirs["onward"], "ours": onward}
 
 

@@ -2,14 +2,14 @@
 same trained network, so that any difference of code shows and the random draws of a run (initial weights,
 batch order) do not.
 
-    python benchmarks/reference_icarl_paired.py --pycil DIR [--seed 1] [--epochs 10] [--steps 3]
+    python -m benchmarks.pycil.reference_icarl_paired --pycil DIR [--seed 1] [--epochs 10] [--steps 3]
 
-DIR is a PyCIL checkout with a `digits` entry (see benchmarks/reference_icarl.py). PyCIL runs in its own process
+DIR is a PyCIL checkout with a `digits` entry (see benchmarks/pycil/README.md). PyCIL runs in its own process
 (its modules are imported from DIR, nothing of it is copied here) and saves: its initial network and first
 training batches, its network after `--steps` SGD steps of task 0 and of task 1 (CE + KD against its frozen
 task-0 network) in float64, its network after `--epochs` epochs of task 0, and the exemplars and class means it
 then selects. This script loads each into our iCaRL (options/icarl/digits.yaml on the budget of
-reference_icarl.py) and prints how far ours lands from PyCIL's:
+benchmarks.pycil.reference_icarl) and prints how far ours lands from PyCIL's:
 
 - forward and backward from PyCIL's initial weights on its first batch (float32): features, loss, gradients;
 - `--steps` steps of task 0 and of task 1 from PyCIL's weights on PyCIL's batches (float64, so that rounding
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks.pycil import reference_icarl
+from benchmarks.run import ROOT
 
 # run in the PyCIL checkout after reference_icarl.PYCIL_PRELUDE: its DataManager, iCaRL learner and loops
 PYCIL_SIDE = r"""
@@ -112,12 +110,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10, help="of task 0, before its exemplars are selected")
     parser.add_argument("--steps", type=int, default=3, help="SGD steps compared in float64, per task")
     args = parser.parse_args(argv)
-    import reference_icarl
-
     torch.set_num_threads(1)
     theirs = reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, args.seed, args.epochs, steps=args.steps)
     rows = compare(theirs, args)
-    print(f"iCaRL, ours against PyCIL on the same inputs (seed {args.seed}, reference_icarl.py's budget)")
+    print(f"iCaRL, ours against PyCIL on the same inputs (seed {args.seed}, reference_icarl's budget)")
     print("| piece | result |\n|---|---|")
     for piece, result in rows.items():
         print(f"| {piece} | {result} |")
@@ -125,12 +121,12 @@ def main(argv=None) -> dict:
 
 
 def compare(theirs: dict, args) -> dict:
-    import reference_icarl
     from methods import method_config
-    from trainer.task_loop import build
-    from utils.config import load_config, parse_cli_overrides
+    from trainer.cli import parse_overrides
+    from trainer.config_loader import load_config
+    from trainer.engine.optim import build_optimizer
+    from trainer.task_loop import SeedRun
     from utils.precision import default_dtype
-    from utils.train_loop import build_optimizer
 
     keys0 = [k for k in theirs["keys0"] if not k.startswith("convnet.fc.")]  # its backbone's unused classifier
     keys1 = [k for k in theirs["keys1"] if not k.startswith("convnet.fc.")]
@@ -138,20 +134,20 @@ def compare(theirs: dict, args) -> dict:
 
     def fresh(precision: str):
         overrides = reference_icarl.BUDGET[2:] + ["--seed", str(args.seed), "--precision", precision]
-        cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), parse_cli_overrides(overrides),
+        cfg = load_config(os.path.join(ROOT, "options", "icarl", "digits.yaml"), parse_overrides(overrides),
                           method_config)
         with default_dtype(precision):
-            data, method, engine = build(cfg, args.seed, torch.device("cpu"))
+            run = SeedRun(cfg, args.seed, torch.device("cpu"))
+        data, method, engine = run.data, run.method, run.engine
         assert list(data.class_order) == theirs["order"], (data.class_order, theirs["order"])
-        method.task = data.tasks[0]
-        method.before_task(data.tasks[0])
+        method.begin_task(data.tasks[0])
         return data, method, engine
 
     def load(method, state, keys):
         method.network.load_state_dict({a: state[b] for a, b in zip(method.network.state_dict(), keys)})
 
     def steps(method, engine, data, task, batches):
-        stage = method.stages(task, data.dataset("train", data.indices("train", task.classes)), engine)[0]
+        stage = method.stages(task, data.dataset("train", data.indices("train", task.classes)), engine.infer)[0]
         optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], stage.optim)
         method.train()
         for x, y in batches:
@@ -178,7 +174,7 @@ def compare(theirs: dict, args) -> dict:
         f"{probe['loss']:.6f}, gradients {worst:.1e} (relative)")
     # herding and class means from PyCIL's trained task-0 network, float32
     load(method, theirs["trained0"], keys0)
-    method.after_task(data.tasks[0], engine)
+    method.end_task(data.tasks[0], engine.infer)
     same = []
     for c in range(2):
         pool = data.indices("train", [c])
@@ -196,9 +192,8 @@ def compare(theirs: dict, args) -> dict:
         rows[f"task 0, {args.steps} SGD steps (float64)"] = \
             f"weights {relative(method.network.state_dict(), theirs['steps0'], keys0):.1e} apart (relative)"
         load(method, theirs["trained0"], keys0)
-        method.after_task(data.tasks[0], engine)
-        method.task = data.tasks[1]
-        method.before_task(data.tasks[1])
+        method.end_task(data.tasks[0], engine.infer)
+        method.begin_task(data.tasks[1])
         load(method, theirs["init1"], keys1)
         steps(method, engine, data, data.tasks[1], theirs["batches1"])
         rows[f"task 1, {args.steps} SGD steps of CE + KD (float64)"] = \
