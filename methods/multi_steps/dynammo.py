@@ -15,7 +15,7 @@ where ACL pays for T adapted paths. The per-task adapters stay stored: the next 
 
 Its premise is a backbone whose features already separate the classes, so that each task's adapters are a small
 correction that averaging keeps (the paper: an ImageNet-pretrained ResNet-18). On digits (benchmarks/
-dynammo_merging.py, docs/results.md) the mean merge is within a point of ACL on a MoCo v2 backbone and about ten
+tables/dynammo_merging.py, docs/results.md) the mean merge is within a point of ACL on a MoCo v2 backbone and about ten
 points behind on a weaker SimSiam one or on a backbone that learnt only the first task.
 
 Choices where the paper is silent, and deviations:

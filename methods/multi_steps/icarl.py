@@ -16,7 +16,7 @@ Deviations:
   checkpoint can be restored by replaying `before_task`; its BN statistics stay frozen during training.
 - `incre_type: til` trains CE within the task (the original is cil only).
 
-Against PyCIL's iCaRL (docs/icarl_vs_pycil.md, benchmarks/reference_icarl*.py): the network, loss, herding, class
+Against PyCIL's iCaRL (docs/icarl_vs_pycil.md, benchmarks/pycil/): the network, loss, herding, class
 means and evaluation agree piece by piece on the same inputs, and so do the last NME accuracies over many seeds
 once both draw the initial network from the seed (PyCIL's trainer seeds torch with 1 for every seed).
 """
