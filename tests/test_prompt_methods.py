@@ -1,15 +1,28 @@
 """Prompt methods (l2p, dual_prompt, coda_prompt) on a tiny random-weight timm ViT: prefix injection, prompt
-selection, frozen backbone, masked CE, CODA's component slices, checkpoint round trip, weights from files."""
+selection, frozen backbone, masked CE, CODA's component slices, checkpoint round trip, weights from files.
+
+Known answers: each method's CE over the current task's classes and its prompt losses recomputed on a fixed batch,
+with the prompts written out as prefix keys and values (_prefix) of the ViT's blocks: L2P's top-k keys by cosine
+and key pull, DualPrompt's G- and E-prompts and routing by the closest key, CODA-Prompt's components weighted by
+the attended cosine and its orthogonality penalty; and the predictions at test time. The formulas are in
+tests/formulas.py, the builders of a method on the digits fixture in tests/method_builders.py (`build(name, *VIT)`,
+at 16 px: one patch, two classes per task); the behaviour tests build on the TINY settings (`build_seeded`).
+
+To add a method of this family, copy the test of L2P
+(test_l2p_picks_the_top_k_keys_by_cosine_masks_other_tasks_and_pulls_the_keys).
+"""
 import os
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, known_answer
 from backbone.prompt import PromptPool, concat_prefixes
 from backbone.vit import PromptedViT, prompted_vit_net
 from datasets.scenario import DataManager
+from formulas import ce, close, unit
+from method_builders import VIT, build, perturb, start
 from methods import build_method, method_config
 from trainer.cli import parse_overrides as parse_cli_overrides
 from trainer.config_loader import load_config
@@ -27,7 +40,8 @@ def config(method, *overrides):
                        parse_cli_overrides([*TINY, *overrides]), method_config)
 
 
-def build(method, *overrides):
+def build_seeded(method, *overrides):
+    """The method on the TINY settings (two tasks of 5 classes, 16 px), torch seeded first."""
     torch.manual_seed(0)
     cfg = config(method, *overrides)
     return build_method(cfg, DataManager(cfg, seed=1))
@@ -108,7 +122,7 @@ def test_key_matching_and_orthogonality_losses():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_training_step_changes_prompts_and_head_but_not_the_vit(name):
-    method = build(name)
+    method = build_seeded(name)
     start_task(method, 0)
     vit_before = {k: v.clone() for k, v in method.network.backbone.state_dict().items()}
     trained_before = [p.detach().clone() for p in method.parameters() if p.requires_grad]
@@ -121,7 +135,7 @@ def test_training_step_changes_prompts_and_head_but_not_the_vit(name):
 
 
 def test_dual_prompt_trains_the_tasks_own_e_prompt_and_routes_at_test():
-    method = build("dual_prompt")
+    method = build_seeded("dual_prompt")
     start_task(method, 0)
     start_task(method, 1)
     x, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 6, 7])
@@ -136,7 +150,7 @@ def test_dual_prompt_trains_the_tasks_own_e_prompt_and_routes_at_test():
 
 
 def test_coda_adds_orthogonal_slices_and_freezes_the_old_ones():
-    method = build("coda_prompt", "--prompt_pool", "7")
+    method = build_seeded("coda_prompt", "--prompt_pool", "7")
     start_task(method, 0)
     train_step(method)
     start_task(method, 1)
@@ -155,12 +169,12 @@ def test_coda_adds_orthogonal_slices_and_freezes_the_old_ones():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_checkpoint_restores_prompts_and_keys(name):
-    method = build(name)
+    method = build_seeded(name)
     start_task(method, 0)
     train_step(method)
     start_task(method, 1)
     state = method.state_dict()
-    restored = build(name)
+    restored = build_seeded(name)
     torch.manual_seed(123)  # the replayed begin_task draws different fresh components; loading overwrites them
     for index in (0, 1):
         start_task(restored, index)
@@ -177,7 +191,7 @@ def test_checkpoint_restores_prompts_and_keys(name):
 def test_gflops_count_the_query_and_the_prompted_pass():
     from fvcore.nn import FlopCountAnalysis
 
-    method = build("l2p")
+    method = build_seeded("l2p")
     start_task(method, 0)
     one_pass = FlopCountAnalysis(method.network.backbone.eval(), torch.zeros(1, 3, 16, 16)).total()
     assert inference_cost(method, 16, torch.device("cpu"))[0] * 1e9 > 1.9 * one_pass
@@ -193,7 +207,7 @@ def test_gflops_count_the_query_and_the_prompted_pass():
 ])
 def test_bad_settings_are_user_errors(name, overrides, message):
     with pytest.raises(UserError, match=message):
-        build(name, *overrides)
+        build_seeded(name, *overrides)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "no_such_vit"])
@@ -218,3 +232,109 @@ def test_weights_come_from_pretrain_path_or_fail(tmp_path, monkeypatch):
     assert torch.equal(vit.blocks[3].attn.qkv.weight, source.blocks[3].attn.qkv.weight)
     assert vit.pos_embed.shape == (1, 1 + 4, 192)  # resampled from 14 x 14 patches to 2 x 2
     torch.testing.assert_close(vit.pos_embed[:, 0], source.pos_embed[:, 0])  # the [CLS] position is kept
+
+
+# ============================================================ prompt methods ======================================
+def _prompt_at(name, task_index, *overrides):
+    method = build(name, *VIT, *overrides)
+    for t in range(task_index + 1):
+        start(method, t)
+    perturb(method.network.fc, seed=3)
+    return method
+
+
+def _prefix(prompts):
+    """(B, n, 2, L, D) prompts of one block -> (B, 2, n * L, D) prefix keys and values."""
+    b, n, two, length, d = prompts.shape
+    return prompts.permute(0, 2, 1, 3, 4).reshape(b, two, n * length, d)
+
+
+@known_answer("l2p")
+def test_l2p_picks_the_top_k_keys_by_cosine_masks_other_tasks_and_pulls_the_keys():
+    method = _prompt_at("l2p", 1)
+    pool, vit = method.pool, method.network.backbone
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([2, 3, 2])
+    method.train()
+    losses = method.training_step(x, y)
+    q = vit.query(x)
+    cos = unit(q) @ unit(pool.keys).T
+    top = cos.topk(method.cfg.top_k, dim=1)
+    prefixes = {layer: _prefix(pool.prompts[top.indices][:, :, j]) for j, layer in enumerate(pool.layers)}
+    z = method.network.fc(vit(x, prefixes))
+    close(losses["ce"], ce(z, y, 2, 4))  # the current task's classes only
+    close(losses["pull"], method.cfg.pull_weight * (1 - top.values).sum(1).mean())
+    method.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(method.predict(x)["cnn"], z[:, :4], atol=1e-5, rtol=1e-5)
+
+
+@known_answer("l2p")
+@pytest.mark.parametrize("value, layers", [("true", [0]), ("false", [0, 1, 2, 3, 4])])
+def test_l2p_shallow_or_deep_puts_the_prompts_at_the_input_or_in_every_early_block(value, layers):
+    method = build("l2p", *VIT, "--shallow_or_deep", value)
+    assert method.pool.layers == layers
+    with pytest.raises(UserError, match="shallow_or_deep"):
+        build("l2p", *VIT, "--shallow_or_deep", value, "--prompt_layers", "1", "2")
+
+
+@known_answer("dual_prompt")
+def test_dual_prompt_trains_the_tasks_e_prompt_with_the_g_prompt_and_routes_by_the_closest_key():
+    method = _prompt_at("dual_prompt", 1)
+    vit, g, e = method.network.backbone, method.g_prompt, method.e_prompts
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([2, 3, 3, 2])
+
+    def prefixes(task_ids):
+        out = {}
+        for j, layer in enumerate(g.layers):
+            out[layer] = _prefix(g.prompts[torch.zeros_like(task_ids)][:, None, j])
+        for j, layer in enumerate(e.layers):
+            p = _prefix(e.prompts[task_ids][:, None, j])
+            out[layer] = torch.cat([out[layer], p], 2) if layer in out else p
+        return out
+
+    method.train()
+    losses = method.training_step(x, y)
+    q = vit.query(x)
+    cos = unit(q) @ unit(e.keys).T
+    z = method.network.fc(vit(x, prefixes(torch.ones(4, dtype=torch.long))))
+    close(losses["ce"], ce(z, y, 2, 4))
+    close(losses["pull"], method.cfg.pull_weight * (1 - cos[:, 1]).mean())
+    method.eval()
+    with torch.no_grad():
+        scores = method.predict(x)
+        routed = cos[:, :2].argmax(1)  # among the seen tasks' keys
+        torch.testing.assert_close(scores["cnn"], method.network.fc(vit(x, prefixes(routed)))[:, :4], atol=1e-5,
+                                   rtol=1e-5)
+    assert torch.equal(scores["task_id"], routed)
+
+
+@known_answer("coda_prompt")
+def test_coda_prompt_weights_the_components_by_attended_cosine_and_penalises_non_orthogonality():
+    method = _prompt_at("coda_prompt", 1, "--ortho_weight", "0.5")
+    vit, comp = method.network.backbone, method.prompt
+    with torch.no_grad():  # components away from orthonormal, so the penalty is not zero
+        for t in range(comp.n_slices):
+            for name in ("key", "attention", "prompt"):
+                getattr(comp, f"{name}_{t}").mul_(1.5).add_(0.1)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([3, 2, 2])
+    method.train()
+    losses = method.training_step(x, y)
+    K, A, P = (torch.cat([getattr(comp, f"{n}_{t}") for t in range(comp.n_slices)], 1)
+               for n in ("key", "attention", "prompt"))
+    q = vit.query(x)
+    prefixes = {}
+    for j, layer in enumerate(comp.layers):
+        attended = q[:, None, :] * A[j][None]  # (B, M, D)
+        alpha = (attended * K[j][None]).sum(2) / (attended.norm(dim=2) * K[j].norm(dim=1)[None])
+        prefixes[layer] = torch.einsum("bm,mtld->btld", alpha, P[j])
+    z = method.network.fc(vit(x, prefixes))
+    close(losses["ce"], ce(z, y, 2, 4))
+    penalty = 0.0
+    for M in (K, A, P.flatten(2)):
+        for j in range(len(comp.layers)):
+            gram = M[j] @ M[j].T
+            penalty = penalty + ((gram - torch.eye(len(gram))) ** 2).mean()
+    close(losses["ortho"], 0.5 * penalty, tol=1e-4)
