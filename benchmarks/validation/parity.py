@@ -3,11 +3,17 @@
     python -m benchmarks.validation.parity run --out before.json [--root CHECKOUT] [--jobs 2] [--methods m ...]
                                                [--args "--amp false"]
     python -m benchmarks.validation.parity compare before.json after.json
+    python -m benchmarks.validation.parity golden [--write]
 
 `run` trains each config through `main.py` in a subprocess with one thread (so the numbers do not depend on
 the machine's thread count) and writes, per config, the accuracy matrix, last and average incremental accuracy,
 and the GFLOPs and parameters after each task. `--root` runs another checkout (for example the commit before a
 restructuring) with the same driver. `compare` prints the configs whose numbers differ, and exits 1 if any do.
+
+`golden` is the fast form the test suite runs on every commit (tests/test_golden.py): every registered method on
+two tiny digits tasks, one epoch per stage, in float64 (so that neither the thread count nor the CPU's vector
+width changes a prediction), compared with tests/golden.json; `--write` rewrites that file, for a change that is
+meant to change the numbers (say so in its commit).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from benchmarks.run import ROOT, RunFailed, run_config
 
 KEYS = ("acc_matrix", "last_acc", "avg_incremental_acc")
+GOLDEN = os.path.join(ROOT, "tests", "golden.json")
 
 
 def run_one(root: str, config: str, log_root: str, extra: list[str]) -> dict:
@@ -67,6 +74,49 @@ def compare(before: str, after: str) -> int:
     return 1 if differ else 0
 
 
+def golden_argv(method: str) -> list[str]:
+    """The tiny float64 run of `method` the golden check makes: its digits config, two tasks of five classes, one
+    epoch in every stage (`epochs`, `init_epochs` and the method's own `epochs*` keys), CNNs at the digits' native
+    8 px and ViTs at 16 px, seed 1, on the CPU."""
+    from methods import method_config
+
+    config = os.path.join(ROOT, "options", method, "digits.yaml")
+    with open(config) as f:
+        size = "16" if "vit" in f.read() else "8"
+    own = method_config(method)
+    stage_epochs = [k for k in (own.__dataclass_fields__ if own else ()) if k.startswith("epochs")]
+    return ["--config", config, "--device", "cpu", "--seed", "1", "--init_cls", "5", "--increment", "5",
+            "--img_size", size, "--epochs", "1", "--init_epochs", "1", "--precision", "float64",
+            *[a for k in stage_epochs for a in (f"--{k}", "1")]]
+
+
+def golden_record(method: str, log_root: str) -> dict:
+    """What the golden check compares: the accuracy matrix and the inference GFLOPs and parameters per task."""
+    results, _ = run_config(golden_argv(method), log_root=log_root)
+    run = results["runs"][0]
+    return {"acc_matrix": run["acc_matrix"], "gflops": [t["gflops"] for t in run["tasks"]],
+            "params": [t["params"] for t in run["tasks"]]}
+
+
+def golden(write: bool) -> int:
+    """Measure every registered method; compare with tests/golden.json, or rewrite it."""
+    from methods import METHODS
+
+    with tempfile.TemporaryDirectory() as logs:
+        measured = {m: golden_record(m, os.path.join(logs, m)) for m in METHODS.keys()}
+    if write:
+        with open(GOLDEN, "w") as f:
+            json.dump(measured, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(f"wrote {GOLDEN}")
+        return 0
+    with open(GOLDEN) as f:
+        stored = json.load(f)
+    differ = [m for m in sorted(set(measured) | set(stored)) if measured.get(m) != stored.get(m)]
+    print("\n".join(f"{m}: {stored.get(m)} -> {measured.get(m)}" for m in differ) or "every method as stored")
+    return 1 if differ else 0
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,8 +129,12 @@ if __name__ == "__main__":
     c = sub.add_parser("compare")
     c.add_argument("before")
     c.add_argument("after")
+    g = sub.add_parser("golden")
+    g.add_argument("--write", action="store_true", help="rewrite tests/golden.json with the measured numbers")
     args = parser.parse_args()
     if args.command == "run":
         run(os.path.abspath(args.root), args.out, args.jobs, args.methods, args.args.split())
+    elif args.command == "golden":
+        sys.exit(golden(args.write))
     else:
         sys.exit(compare(args.before, args.after))
