@@ -1,7 +1,9 @@
 """contrastive_pretrain (MoCo v2, SimSiam): the losses from their formulas, the loss falling, the features beating a
 random backbone under a linear probe, and the written file loading into every method (and not into another
 architecture)."""
+import copy
 import glob
+import itertools
 import math
 import os
 
@@ -242,3 +244,212 @@ def test_the_originals_pretrain_configs_load_unchanged():
 def test_several_seeds_need_a_seed_in_save_path():
     with pytest.raises(UserError, match="seed"):
         make("contrastive_pretrain", "--seed", "1", "2", "--save_path", "out.pth")
+
+
+# ---- one MoCo v2 step, recomputed by hand ----
+def _moco(K=8, m=0.75, T=0.2):
+    """MoCo v2 on a resnet32 at 8 px with a queue of K keys, its query encoder moved away from the key encoder
+    (a copy of it at the start, so that the momentum update has something to do), and fixed, distinct views."""
+    from method_builders import perturb
+
+    method, data = make("contrastive_pretrain", "--K", str(K), "--m", str(m), "--T", str(T), "--proj_dim", "4",
+                        "--shuffle_bn_splits", "1")
+    net = method.network
+    perturb(net.backbone, seed=3, scale=0.05)
+    perturb(net.head, seed=4, scale=0.05)
+    views = method.two_view_data(data.tasks[0])
+    held = [views[(i, 100 + i)] for i in range(4)]
+    x1, x2 = torch.stack([v[0] for v in held]), torch.stack([v[1] for v in held])
+    assert (x1 - x2).abs().max() > 0.5  # two different views
+    return method, net, x1, x2, torch.as_tensor([v[2] for v in held])
+
+
+def _encode(backbone, head, x):
+    """An encoder's L2-normalised output on x in train mode (batch statistics), on copies (nothing moves)."""
+    backbone, head = copy.deepcopy(backbone).train(), copy.deepcopy(head).train()
+    with torch.no_grad():
+        z = head(backbone(x)).double()
+    return z / z.norm(dim=1, keepdim=True)
+
+
+def _info_nce_by_hand(q, k, queue, T):
+    """-mean_i log( exp(q_i.k_i/T) / (exp(q_i.k_i/T) + sum_j exp(q_i.n_j/T)) ), in float64."""
+    positive = (q * k).sum(1) / T
+    negatives = q @ queue.double().T / T
+    return float((-positive + torch.logsumexp(torch.cat([positive[:, None], negatives], 1), 1)).mean())
+
+
+@known_answer("contrastive_pretrain")
+def test_a_moco_step_updates_the_key_encoder_then_scores_against_the_old_queue_then_enqueues():
+    """MoCo v2's step, by hand: (1) theta_k <- m theta_k + (1 - m) theta_q, once; (2) q from view 1 through the
+    query encoder, k from view 2 through the updated key encoder; (3) InfoNCE at temperature T against the queue as
+    it was before the step; (4) the keys replace the oldest len(batch) entries (wrapping around modulo K) and
+    queue_ptr moves by the batch size. The queue pointer starts at K - 2, so the four keys wrap around."""
+    m, T, K = 0.75, 0.2, 8
+    method, net, x1, x2, y = _moco(K, m, T)
+    queue = F.normalize(torch.randn(K, 4, generator=torch.Generator().manual_seed(5)), dim=1)
+    net.queue.copy_(queue)
+    net.queue_ptr.fill_(K - 2)
+    query = dict(net.backbone.named_parameters(), **{f"head.{n}": p for n, p in net.head.named_parameters()})
+    key = dict(net.key_backbone.named_parameters(), **{f"head.{n}": p for n, p in net.key_head.named_parameters()})
+    assert set(query) == set(key) and any(not torch.equal(query[n], key[n]) for n in query)
+    moved = {n: m * key[n].detach().double() + (1 - m) * query[n].detach().double() for n in key}
+
+    key_backbone, key_head = copy.deepcopy(net.key_backbone), copy.deepcopy(net.key_head)
+    with torch.no_grad():
+        for n, p in itertools.chain(key_backbone.named_parameters(),
+                                    ((f"head.{n}", p) for n, p in key_head.named_parameters())):
+            p.copy_(moved[n])
+    q = _encode(net.backbone, net.head, x1)
+    k = _encode(key_backbone, key_head, x2)
+    expected = _info_nce_by_hand(q, k, queue, T)
+    # what the faults would give instead: each is far from the right answer
+    enqueued_first = queue.double().clone()
+    enqueued_first[[6, 7, 0, 1]] = k
+    wrong = {"queue after enqueueing": _info_nce_by_hand(q, k, enqueued_first, T),
+             "keys of view 1": _info_nce_by_hand(q, _encode(key_backbone, key_head, x1), queue, T),
+             "T = 1": _info_nce_by_hand(q, k, queue, 1.0),
+             "keys before the momentum update": _info_nce_by_hand(q, _encode(net.key_backbone, net.key_head, x2),
+                                                                  queue, T)}
+    assert all(abs(v - expected) > 1e-3 for v in wrong.values()), (expected, wrong)
+
+    method.train()
+    losses = method.training_step(x1, x2, y)
+    assert set(losses) == {"info_nce"}
+    assert float(losses["info_nce"]) == pytest.approx(expected, rel=1e-5, abs=1e-5), (expected, wrong)
+    for n, p in key.items():  # one momentum update, not two, not none
+        torch.testing.assert_close(p.double(), moved[n], rtol=0, atol=1e-6, msg=n)
+    torch.testing.assert_close(net.queue[[6, 7, 0, 1]].double(), k, rtol=0, atol=1e-5)  # the newest keys, in order
+    assert torch.equal(net.queue[2:6], queue[2:6])  # the rest untouched
+    assert int(net.queue_ptr) == 2  # (K - 2 + 4) mod K
+    losses["info_nce"].backward()  # the loss reaches the query encoder only
+    assert all(p.grad is not None for p in net.backbone.parameters())
+    assert all(p.grad is None for p in itertools.chain(net.key_backbone.parameters(), net.key_head.parameters()))
+
+
+def test_the_moco_queue_advances_by_each_batch_through_the_training_loop():
+    """Three steps of batch 4 through the engine on a queue of K = 6 keys: the pointer goes 0 -> 4 -> 2 -> 0 and
+    every entry of the queue is one of the last keys (L2-normalised), none of the initial random ones left."""
+    import dataclasses
+
+    method, _, _, _, _ = _moco(K=6)
+    net = method.network
+    initial = net.queue.clone()
+    pointers = []
+    step = method.training_step
+
+    def recording(x1, x2, y):
+        out = step(x1, x2, y)
+        pointers.append(int(net.queue_ptr))
+        return out
+
+    task = method.data.tasks[0]
+    stage = method.stages(task, None, None)[0]
+    subset = torch.utils.data.Subset(method.two_view_data(task), np.arange(12))
+    Engine(torch.device("cpu"), amp=False).fit(method, task, dataclasses.replace(
+        stage, data=lambda: subset, step=recording, optim=stage.optim.replace(epochs=1, batch_size=4)))
+    assert pointers == [4, 2, 0]
+    torch.testing.assert_close(net.queue.norm(dim=1), torch.ones(6))
+    assert torch.cdist(net.queue, initial).min() > 1e-3  # every initial entry replaced
+
+
+# ---- BN re-estimation ----
+class _TwoNorms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.bn1d = torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3, momentum=0.3), \
+            torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn1d(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def _batch_stats(x, dims):
+    """Per channel: the batch mean and the unbiased batch variance (what BN averages into its running ones)."""
+    x = x.double()
+    mean = x.mean(dims)
+    n = x.numel() // x.shape[1]
+    var = ((x - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2).sum(dims) / (n - 1)
+    return mean, var
+
+
+def batch_statistics(module, batches):
+    """{BN layer name: [(mean, unbiased variance) of its input over each batch]} of a copy of `module` run in train
+    mode on `batches` (BN normalises by the batch's own statistics there, so its running ones change nothing)."""
+    module = copy.deepcopy(module).train()
+    stats = {}
+
+    def record(name):
+        def hook(bn, args, out):
+            stats.setdefault(name, []).append(_batch_stats(args[0], (0, 2, 3) if args[0].dim() == 4 else (0,)))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in module.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for x in batches:
+            module(x)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def assert_plain_average(norms, stats, tol=1e-5):
+    """Each BN layer's running mean and variance are the unweighted mean over the batches of its batch statistics."""
+    for name, bn in norms.items():
+        means, variances = zip(*stats[name])
+        torch.testing.assert_close(bn.running_mean.double(), sum(means) / len(means), rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(bn.running_var.double(), sum(variances) / len(variances), rtol=tol, atol=tol,
+                                   msg=name)
+        assert int(bn.num_batches_tracked) == len(means), name
+
+
+def test_bn_recalibration_resets_and_averages_the_batches_then_restores_the_momentum():
+    """Inside the block: the old running statistics are gone and the new ones are the plain (unweighted) average of
+    the batches' statistics (momentum None), whatever the batch sizes; afterwards the momenta are as before, also
+    when the block raises."""
+    from backbone.adapters import bn_recalibration
+
+    torch.manual_seed(0)
+    net = _TwoNorms()
+    for bn in (net.bn, net.bn1d):  # as after training: statistics far from the data's, many batches counted
+        bn.running_mean.fill_(50.0)
+        bn.running_var.fill_(9.0)
+        bn.num_batches_tracked.fill_(40)
+    batches = [torch.randn(5, 2, 3, 3) * 2 + 1, torch.randn(2, 2, 3, 3) - 3, torch.randn(3, 2, 3, 3)]
+    stats = batch_statistics(net, batches)
+    with torch.no_grad(), bn_recalibration(net):
+        assert net.bn.momentum is None and net.bn1d.momentum is None
+        for x in batches:
+            net.train()(x)
+    assert_plain_average({"bn": net.bn, "bn1d": net.bn1d}, stats)
+    assert (net.bn.momentum, net.bn1d.momentum) == (0.3, 0.1)
+    with pytest.raises(RuntimeError, match="inside"):
+        with bn_recalibration(net):
+            raise RuntimeError("inside")
+    assert (net.bn.momentum, net.bn1d.momentum) == (0.3, 0.1)
+
+
+def test_pretraining_re_estimates_the_backbones_bn_statistics_on_the_clean_training_images(monkeypatch):
+    """After training (recalibrate_bn true), every BN layer of the backbone holds the plain average over the
+    inference batches (in order) of the un-augmented training images' batch statistics, computed in train mode; the
+    statistics of training (here: made-up ones) are gone and the momenta are back. On every 12th training image,
+    in inference batches of 32 (so that there are several), to keep it fast."""
+    method, data = make("contrastive_pretrain", "--recalibrate_bn", "true")
+    indices = data.indices
+    monkeypatch.setattr(data, "indices", lambda split, classes: indices(split, classes)[::12])
+    backbone = method.network.backbone
+    norms = {n: b for n, b in backbone.named_modules() if isinstance(b, torch.nn.BatchNorm2d)}
+    for bn in norms.values():
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(7.0)
+        bn.num_batches_tracked.fill_(100)
+    clean = data.dataset("train", data.indices("train", data.tasks[0].classes), augment=False)
+    x = torch.stack([clean[i][0] for i in range(len(clean))])
+    stats = batch_statistics(backbone, x.split(32))
+    assert {len(v) for v in stats.values()} == {4} and sorted(set(clean.targets.tolist())) == list(range(10))
+    engine = Engine(torch.device("cpu"), amp=False)
+    method.after_task(data.tasks[0], lambda fn, dataset, module, whole=False:
+                      engine.infer(fn, dataset, module, batch_size=32, whole=whole))
+    assert_plain_average(norms, stats, tol=1e-4)
+    assert all(bn.momentum == 0.1 for bn in norms.values())
