@@ -26,7 +26,8 @@ from trainer.config_loader import load_config
 from utils import safe_pickle
 from utils.config import GlobalConfig, declared_fields
 from utils.registry import UserError
-from trainer.engine.engine import Engine
+from trainer.engine.engine import Engine, NonFiniteLoss, first_non_finite
+from utils.types import OptimConfig, Stage, Task
 
 DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
 TINY = ["--device", "cpu", "--seed", "1", "--epochs", "1", "--init_epochs", "1", "--init_cls", "5", "--increment",
@@ -130,6 +131,38 @@ def test_safe_pickle_admits_the_real_formats_and_nothing_else(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_safe_pickle_admits_exactly_the_globals_plain_data_needs():
+    """The whole list of what a data file may name: numpy's array and scalar reconstructors (under numpy 1's and
+    numpy 2's module names), ndarray, dtype and the latin-1 bytes encoder. One more entry is one more way in."""
+    from numpy import dtype, ndarray
+
+    allowed = safe_pickle.ALLOWED
+    assert set(allowed) == {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                            ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                            ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    assert allowed[("numpy", "ndarray")] is ndarray and allowed[("numpy", "dtype")] is dtype
+    for name in ("_reconstruct", "scalar"):
+        assert allowed[("numpy.core.multiarray", name)] is allowed[("numpy._core.multiarray", name)]
+        assert allowed[("numpy._core.multiarray", name)].__name__ == name
+    assert allowed[("numpy.core.numeric", "_frombuffer")] is allowed[("numpy._core.numeric", "_frombuffer")]
+    assert allowed[("numpy._core.numeric", "_frombuffer")].__name__ == "_frombuffer"
+    assert allowed[("_codecs", "encode")]("é") == b"\xe9"
+    with pytest.raises(pickle.UnpicklingError):
+        allowed[("_codecs", "encode")]("x", "rot13")  # the encoder admits no other codec
+
+
+@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("os", "system"), ("builtins", "getattr"),
+                                          ("numpy", "load"), ("numpy", "frombuffer"), ("_codecs", "decode"),
+                                          ("collections", "OrderedDict"), ("numpy.core.multiarray", "array")])
+def test_safe_pickle_refuses_any_other_global_before_calling_it(module, name):
+    """A pickle that names a global outside the list (GLOBAL opcode, then calls it with no arguments) is refused,
+    naming the global; nothing is called."""
+    crafted = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b")R."
+    with pytest.raises(UserError, match=f"refused: it asks to call {module}.{name},"):
+        safe_pickle.loads(crafted, "f.pkl")
+
+
 @pytest.mark.parametrize("note", ["ABSOLUTE", "../../..", "..", ".", "a/b", "", "a\nb", "x\x00y"])
 def test_note_must_be_a_plain_folder_name(note, tmp_path, capsys):
     note = str(tmp_path / "elsewhere") if note == "ABSOLUTE" else note
@@ -216,6 +249,107 @@ def test_non_finite_weights_stop_naming_task_stage_and_epoch(finished, tmp_path,
     line = fails(["--checkpoint_dir", run_dir], capsys)
     assert files(run_dir)["checkpoints/seed1_latest.pt"] == latest
     assert "task 1" in line and "stage 'train'" in line and "epoch 1" in line
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+class _Guarded(torch.nn.Module):
+    """A parameter, a floating and an integer buffer, a loss and a classifier's scores that a test sets: what the
+    divergence guards look at. The loss has a zero gradient, so a non-finite loss leaves the weights finite;
+    `on_step` changes the weights after the backward pass, so non-finite weights leave this step's loss finite."""
+
+    def __init__(self, loss=0.0, scores=(0.0, 1.0)):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.register_buffer("stat", torch.zeros(2))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.loss, self.scores, self.on_step = loss, torch.tensor(scores), lambda: None
+
+    def before_optimizer_step(self):  # after the backward pass: the loss stays finite
+        with torch.no_grad():
+            self.on_step()
+
+    def step(self, x, y):
+        return {"loss": (self.w * 0.0).sum() + self.loss}
+
+    def predict(self, x):
+        return {"cnn": self.scores.expand(len(x), -1).clone(), "task_id": torch.zeros(len(x), dtype=torch.long)}
+
+
+class _Data:
+    """The part of a data manager `guards.check_finite` reads: one task of two classes, four test images."""
+
+    tasks = [Task(0, 0, 2, 1)]
+
+    def indices(self, split, classes):
+        return np.arange(4)
+
+    def dataset(self, split, indices):
+        return [(torch.zeros(3), 0) for _ in indices]
+
+
+def _fit(model):
+    """One epoch of one step of `model.step` through the engine (float32, no autocast)."""
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+    stage = Stage("train", lambda: data, OptimConfig(epochs=1, lrate=0.1, batch_size=4), model.step)
+    return Engine(torch.device("cpu"), amp=False).fit(model, Task(0, 0, 2, 1), stage)
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("where", ["w", "stat"])
+def test_first_non_finite_names_a_parameter_or_floating_buffer_holding_any_non_finite_value(value, where):
+    model = _Guarded()
+    assert first_non_finite(model) is None
+    getattr(model, where).data[1] = value
+    assert first_non_finite(model) == where
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "+inf", "-inf"])
+def test_training_stops_on_every_kind_of_non_finite_loss(value):
+    """The loss is NaN, +inf or -inf while the weights stay finite: only the loss check can stop the stage."""
+    model = _Guarded()
+    assert _fit(model) == {"loss": 0.0}
+    model.loss = value
+    with pytest.raises(NonFiniteLoss, match="loss"):
+        _fit(model)
+    assert first_non_finite(model) is None
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("where", ["w", "stat"])
+def test_training_stops_on_every_kind_of_non_finite_parameter_or_buffer(value, where):
+    model = _Guarded()
+    model.on_step = lambda: getattr(model, where).data.__setitem__(0, value)
+    with pytest.raises(NonFiniteLoss, match=f"'{where}'"):
+        _fit(model)
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("where", ["w", "stat", "scores"])
+def test_the_save_check_refuses_non_finite_weights_and_nan_or_plus_inf_scores_but_not_minus_inf(value, where):
+    """Weights and floating buffers: NaN, +inf and -inf are all refused. Scores: NaN and +inf come from a diverged
+    model and are refused; -inf is a legitimate mask (a class a method rules out) and passes, even a whole row."""
+    model, engine, data = _Guarded(), Engine(torch.device("cpu"), amp=False), _Data()
+    where_done = {"task": 0, "done": True}
+    guards.check_finite(model, engine, data, where_done)
+    getattr(model, where).data[0] = value
+    if where == "scores" and value == float("-inf"):
+        guards.check_finite(model, engine, data, where_done)
+        model.scores.fill_(value)
+        guards.check_finite(model, engine, data, where_done)
+    else:
+        with pytest.raises(NonFiniteLoss, match="after task 0"):
+            guards.check_finite(model, engine, data, where_done)
+
+
+def test_refuse_non_finite_is_per_key_on_floating_scores_only():
+    ok = {"cnn": torch.tensor([[0.0, -float("inf")], [-float("inf"), -float("inf")]]),
+          "task_id": torch.tensor([0, 1]), "nme": torch.tensor([[1e30, -1e30]])}
+    guards.refuse_non_finite(ok, "after task 0")
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteLoss, match="'nme'"):
+            guards.refuse_non_finite(dict(ok, nme=torch.tensor([[1.0, value]])), "after task 0")
 
 
 # ---- re-test trusts nothing it did not check -------------------------------------------------------------------
