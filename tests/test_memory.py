@@ -158,3 +158,45 @@ def test_random_selection_depends_on_the_seed_and_the_class():
         memory.update([0, 1], 2, data, _features)
         picks[seed] = {c: (v - 10 * c).tolist() for c, v in memory.exemplars.items()}
     assert picks[5] != picks[6] and picks[5][0] != picks[5][1]
+
+
+def test_exemplars_and_class_means_use_the_features_of_the_un_augmented_images(monkeypatch):
+    """iCaRL's end of task on digits whose train augmentation flips every image (digits have none of their own, so
+    one that certainly changes each image stands in): the features the memory selects from are those of the
+    un-augmented images, not of the flipped ones, and so are the NME class means (the normalised mean of the
+    normalised features of each class's exemplars)."""
+    from torchvision import transforms as T
+
+    from datasets.digits import Digits
+    from method_builders import build, start
+    from trainer.engine.engine import Engine
+
+    monkeypatch.setattr(Digits, "train_augment", lambda self: [T.RandomHorizontalFlip(p=1.0)])
+    method = build("icarl", "--memory_size", "20", "--apply_nme", "true")
+    task = start(method, 0)
+    data = method.data
+    pool = data.indices("train", task.classes)
+    views = {augment: data.dataset("train", pool, augment=augment) for augment in (False, True)}
+    x = {augment: torch.stack([view[i][0] for i in range(len(view))]) for augment, view in views.items()}
+    assert float((x[True] - x[False]).abs().amax((1, 2, 3)).min()) > 0.1  # the augmentation changes every image
+    with torch.no_grad():
+        method.eval()
+        features = {augment: F.normalize(method.network.features(v).double(), dim=1) for augment, v in x.items()}
+
+    used = {}
+    update = method.memory.update
+
+    def recording(classes, n_seen, data, features_of):
+        used["features"] = F.normalize(features_of(pool).double(), dim=1)
+        return update(classes, n_seen, data, features_of)
+
+    monkeypatch.setattr(method.memory, "update", recording)
+    method.end_task(task, Engine(torch.device("cpu"), amp=False).infer)
+    assert float((features[True] - features[False]).norm(dim=1).min()) > 1e-2  # flipped digits: other features
+    torch.testing.assert_close(used["features"], features[False], rtol=0, atol=1e-5)
+    for c in task.classes:
+        exemplars = method.memory.exemplars[c]
+        assert len(exemplars) == 10
+        rows = torch.as_tensor(np.searchsorted(pool, exemplars))
+        expected = F.normalize(features[False][rows].mean(0), dim=0)
+        torch.testing.assert_close(method.class_means[c].double(), expected, rtol=0, atol=1e-5)
