@@ -10,6 +10,8 @@ ViT a dict {block index: (B, 2, L', D)} (see `PromptedViT.forward`).
   components are added in slices (one per task) orthogonal to the existing ones, which are frozen.
 
 Prompts and keys start uniform in [-1, 1] (as the L2P/DualPrompt code does); CODA components start orthonormal.
+Key matching and CODA's attention weights are computed in float32 under autocast (`full_precision`): a
+bfloat16 cosine picks other keys than the float32 one.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from utils.losses import orthogonality_penalty
+from utils.precision import full_precision
 from utils.registry import UserError
 
 
@@ -30,6 +33,7 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(torch.empty(size, len(self.layers), 2, length, dim).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(size, dim).uniform_(-1, 1)) if keyed else None
 
+    @full_precision
     def similarity(self, query: torch.Tensor) -> torch.Tensor:
         """(B, size) cosine similarity of each query to each key."""
         return F.normalize(query, dim=1) @ F.normalize(self.keys, dim=1).T
@@ -69,8 +73,9 @@ class CodaComponents(nn.Module):
     def _all(self, name: str) -> torch.Tensor:
         return torch.cat([getattr(self, f"{name}_{t}") for t in range(self.n_slices)], dim=1)  # (layers, M, ...)
 
+    @full_precision
     def forward(self, query: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The prefixes for (B, D) queries: {block: (B, 2, L, D)}."""
+        """The prefixes for (B, D) queries: {block: (B, 2, L, D)}, weighted in float32."""
         keys, attention, prompts = (self._all(n) for n in ("key", "attention", "prompt"))
         # cos(q * A_m, K_m) = (q . (A_m * K_m / |K_m|)) / |q * A_m|, without forming the (B, M, D) products
         dot = torch.einsum("bd,lmd->lbm", query, attention * F.normalize(keys, dim=-1))

@@ -175,6 +175,9 @@ def read(path: str, cfg, run_dir: str, seed: int | None = None, n_tasks: int | N
             _fail(path, "is inside a task but names no stage and epoch")
         if not isinstance(state.get("optimizer"), dict) or "scheduler" not in state:
             _fail(path, "is inside a task but holds no optimizer and scheduler state")
+        scaler = state.get("scaler")
+        if scaler is not None and not (isinstance(scaler, dict) and isinstance(scaler.get("scale"), float)):
+            _fail(path, "holds a malformed gradient-scaler state")
     record = state["record"]
     done_tasks = where["task"] + 1 if where["done"] else where["task"]
     if not (isinstance(record, dict) and record.get("seed") == state["seed"] and isinstance(record.get("tasks"), list)

@@ -79,7 +79,8 @@ class CheckpointHook(Hook):
         if self.cfg.checkpoint_every and end.epoch % self.cfg.checkpoint_every == 0:
             self.save({"task": end.task.index, "done": False, "stage": end.stage, "epoch": end.epoch},
                       optimizer=end.optimizer.state_dict(),
-                      scheduler=end.scheduler.state_dict() if end.scheduler is not None else None)
+                      scheduler=end.scheduler.state_dict() if end.scheduler is not None else None,
+                      **({"scaler": end.scaler.state_dict()} if end.scaler is not None else {}))
 
     def after_task(self, run, entry: dict) -> None:
         self.save({"task": entry["task"], "done": True})

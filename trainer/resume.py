@@ -112,5 +112,5 @@ def restore(method, state: dict, device: torch.device) -> tuple[int, dict | None
     problem = optimizer_state_problem(list(method.parameters()), state["optimizer"])
     if problem:
         raise UserError(f"checkpoint '{state['path']}' {problem}")
-    return position["task"], {"stage": position["stage"], "epoch": position["epoch"],
-                              "optimizer": state["optimizer"], "scheduler": state["scheduler"], "rng": state["rng"]}
+    return position["task"], {"stage": position["stage"], "epoch": position["epoch"], "optimizer": state["optimizer"],
+                              "scheduler": state["scheduler"], "scaler": state.get("scaler"), "rng": state["rng"]}

@@ -2,14 +2,15 @@
 
 Notation: z are logits (B, C), y integer targets (B,), T a temperature, softmax and log_softmax over classes,
 cos the cosine similarity. Losses are computed in at least float32 (bfloat16 activations under mixed precision
-are widened by `upcast`; a float64 run stays in float64).
+are widened by `upcast`, and a loss with a matrix product runs with autocast off, `full_precision`; a float64
+run stays in float64); tests/test_precision.py checks each under bfloat16 autocast.
 """
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
 
-from utils.precision import upcast
+from utils.precision import full_precision, upcast
 
 
 # ---- classification ----
@@ -119,6 +120,7 @@ def key_matching_loss(cos: torch.Tensor) -> torch.Tensor:
     return (1 - cos).sum(dim=1).mean()
 
 
+@full_precision
 def orthogonality_penalty(m: torch.Tensor) -> torch.Tensor:
     """mean((M M^T - I)^2) for each (rows, F) matrix M of a (..., rows, F) batch: zero iff M's rows are
     orthonormal (CODA-Prompt)."""
@@ -127,6 +129,7 @@ def orthogonality_penalty(m: torch.Tensor) -> torch.Tensor:
 
 
 # ---- self-supervised pretraining ----
+@full_precision
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float) -> torch.Tensor:
     """MoCo's InfoNCE (van den Oord et al. 2018; He et al. 2020, eq. 1) for L2-normalised queries q (B, D), their
     positive keys k (B, D) and negative keys n_j (the queue, (K, D)), all compared by dot product:

@@ -27,6 +27,8 @@ Deviations and choices:
   parameters.
 - Distributed runs: every rank computes the same memory gradients on the whole memories (batch norm local there:
   `distributed.replicated`) and projects the all-reduced gradient, so every rank applies one process's update.
+- Under mixed precision the memory gradients are computed with autocast off, in float32, and the projection in
+  float64; the step's own gradient is float32 (float16 autocast: unscaled before the projection).
 """
 from __future__ import annotations
 
@@ -92,7 +94,9 @@ class GEM(Method):
                       self.training_step)]
 
     def training_step(self, x, y):
-        with distributed.replicated():  # every rank computes the same whole memory gradients
+        # every rank computes the same whole memory gradients, in float32: autocast off (backward passes are not
+        # meant to run under autocast, and the QP's constraints need the gradients' directions exactly)
+        with distributed.replicated(), torch.autocast(x.device.type, enabled=False):
             self.memory_grads = torch.stack([self._gradient(*memory) for memory in self.task_memories]) \
                 if self.task_memories else None
         return {"ce": self.ce(self.network(x)["logits"], y)}
@@ -102,7 +106,7 @@ class GEM(Method):
             return
         params = self._params()
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        if (self.memory_grads @ g < 0).any():
+        if (self.memory_grads.double() @ g.double() < 0).any():  # float64: never a matrix product under autocast
             g = gem_project(g, self.memory_grads, self.cfg.memory_strength)
             for p, new in zip(params, g.split([p.numel() for p in params])):
                 p.grad = new.view_as(p).clone()

@@ -10,8 +10,9 @@ that the loss and every parameter and buffer are finite (else it stops, naming t
 hook can save the model), then calls the hooks' `after_epoch` (trainer/engine/hooks.py).
 
 Fast paths (trainer/engine/fastpath.py): channels-last images and convolution weights (CPU and CUDA,
-`channels_last`), bfloat16 autocast where it is native (CUDA; CPUs with AVX512-BF16 or AMX; `amp`), pinned
-memory and persistent, prefetching workers for file datasets on CUDA. Batches: trainer/engine/batches.py;
+`channels_last`), autocast where it pays off (`amp`: bfloat16 on recent GPUs and on CPUs with AVX512-BF16 or AMX,
+float16 with gradient scaling on GPUs before compute capability 8.0), pinned memory and persistent, prefetching
+workers for file datasets on CUDA. Batches: trainer/engine/batches.py;
 several processes: trainer/engine/ddp.py.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from trainer.engine import ddp
 from trainer.engine.batches import Batches, epoch_key, shard
-from trainer.engine.fastpath import bf16_native, channels_last
+from trainer.engine.fastpath import autocast_dtype, channels_last
 from trainer.engine.hooks import EpochEnd, Hook
 from trainer.engine.optim import build_optimizer, build_scheduler
 from trainer.seed import set_rng_state
@@ -78,14 +79,17 @@ class Engine:
         self.device, self.num_workers, self.seed, self.sync_bn = device, num_workers, seed, sync_bn
         self.dtype = dtype  # of the inputs and of every output `infer` returns (utils/precision.py)
         self.rank, self.world = distributed.rank(), distributed.world()
-        self.amp = amp and dtype == torch.float32 and bf16_native(device)
+        self.autocast_dtype = autocast_dtype(device) if amp and dtype == torch.float32 else None
+        self.amp = self.autocast_dtype is not None
         self.channels_last = channels_last and device.type in ("cpu", "cuda")
         self.hooks: list[Hook] = []
         self.progress = sys.stderr.isatty()
 
     def describe(self) -> str:
         """The fast paths in use, for the run log."""
-        return (f"{str(self.dtype).removeprefix('torch.')}, bfloat16 autocast {'on' if self.amp else 'off'}, "
+        autocast = "no autocast" if not self.amp else f"{str(self.autocast_dtype).removeprefix('torch.')} autocast" \
+            + (" with gradient scaling" if self.autocast_dtype == torch.float16 else "")
+        return (f"{str(self.dtype).removeprefix('torch.')}, {autocast}, "
                 f"channels-last {'on' if self.channels_last else 'off'}, "
                 f"{self.num_workers} DataLoader workers for file datasets"
                 + (f", {self.world} processes (sync BN {'on' if self.sync_bn else 'off'})" if self.world > 1 else ""))
@@ -105,7 +109,11 @@ class Engine:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.amp)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """A gradient scaler for a stage under float16 autocast (whose small gradients would underflow)."""
+        return torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
 
     # ---- training ----
     def train(self, method, task: Task, stages: list, resume: dict | None = None) -> None:
@@ -143,12 +151,15 @@ class Engine:
             step = ddp.synchronised_step(method, stage.step, self.device) if self.world > 1 else stage.step
             optimizer = build_optimizer(params, opt)
             scheduler = build_scheduler(optimizer, opt)
+            scaler = self.scaler()
             source = self.batches(stage.data(), opt.batch_size, shuffle=True)
             first_epoch = 0
             if resume is not None:
                 optimizer.load_state_dict(resume["optimizer"])
                 if scheduler is not None:
                     scheduler.load_state_dict(resume["scheduler"])
+                if scaler is not None and resume.get("scaler"):
+                    scaler.load_state_dict(resume["scaler"])
                 first_epoch = resume["epoch"]
                 set_rng_state(resume["rng"])
             means: dict[str, float] = {}
@@ -157,7 +168,7 @@ class Engine:
             for epoch in epochs:
                 start = time.perf_counter()
                 batches = source.epoch(epoch_key(self.seed, task.index, stage.name, epoch))
-                means = self._epoch(method, step, batches, optimizer, source.sizes())
+                means = self._epoch(method, step, batches, optimizer, scaler, source.sizes())
                 where = f"task {task.index}, stage '{stage.name}', epoch {epoch + 1}"
                 if not all(np.isfinite(v) for v in means.values()):
                     raise NonFiniteLoss(f"the loss became non-finite in {where} ({format_losses(means)}); lower the "
@@ -169,12 +180,12 @@ class Engine:
                 if scheduler is not None:
                     scheduler.step()
                 end = EpochEnd(task, stage.name, epoch + 1, opt.epochs, means, optimizer, scheduler,
-                               time.perf_counter() - start)
+                               time.perf_counter() - start, scaler)
                 for hook in self.hooks:
                     hook.after_epoch(end)
         return means
 
-    def _epoch(self, method, step: Callable, batches: Iterator[tuple], optimizer, sizes: list[int]
+    def _epoch(self, method, step: Callable, batches: Iterator[tuple], optimizer, scaler, sizes: list[int]
                ) -> dict[str, float]:
         sums, steps = {}, 0
         method.train()
@@ -186,9 +197,16 @@ class Engine:
             share = len(batch[0]) * self.world / size
             loss = sum(losses.values()) * share
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                method.before_optimizer_step()
+                optimizer.step()
+            else:  # float16: the gradients of the scaled loss, unscaled before any gradient surgery
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                method.before_optimizer_step()
+                scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+                scaler.update()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * share
             steps += 1

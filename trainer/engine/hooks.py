@@ -30,6 +30,7 @@ class EpochEnd:
     optimizer: torch.optim.Optimizer
     scheduler: object
     seconds: float = 0.0  # the epoch's wall time
+    scaler: object = None  # the gradient scaler of float16 autocast, else None
     metrics: dict[str, float] = field(default_factory=dict)  # hooks add e.g. test_acc here
 
 
