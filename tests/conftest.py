@@ -48,6 +48,32 @@ def known_answer(*methods: str):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "known_answer(*methods): a known-answer test of the named methods")
+    config.addinivalue_line("markers", "precision: run in float32 and under bfloat16 autocast (precision_mode)")
+
+
+# ---- precision: the reduced-precision path tested on every machine ----
+PRECISIONS = ("float32", "bfloat16")
+
+
+def pytest_generate_tests(metafunc):
+    """Known-answer tests and tests marked `precision` run twice: in float32 and under bfloat16 autocast."""
+    if any(m.name in ("known_answer", "precision") for m in metafunc.definition.iter_markers()):
+        metafunc.parametrize("precision_mode", PRECISIONS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def precision_mode(request, monkeypatch):
+    """The precision a test runs in. Unparametrized (None): whatever the engine chooses on this machine.
+    "float32": autocast off (CL_AUTOCAST=off, trainer/engine/fastpath.py). "bfloat16": bfloat16 autocast forced,
+    emulated where the CPU has no bfloat16 instructions (CL_AUTOCAST=bfloat16), in the engine and around the test
+    body, so that a test recomputes its reference from the very outputs the method computed."""
+    mode = getattr(request, "param", None)
+    if mode is None:
+        yield None
+        return
+    monkeypatch.setenv("CL_AUTOCAST", "off" if mode == "float32" else "bfloat16")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bfloat16"):
+        yield mode
 
 
 def known_answer_methods() -> dict[str, list[str]]:

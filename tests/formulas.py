@@ -1,5 +1,6 @@
 """The formulas the known-answer tests recompute a method's losses and predictions from, written once as plain
-tensor code (in float64 where a sum is taken), never through a method's own helpers or utils/losses.py (do not
+tensor code in float64 (so that they are exact whatever precision the method ran in, and a matrix product of
+theirs never runs under autocast), never through a method's own helpers or utils/losses.py (do not
 import it here): a known-answer test checks the framework's code against these, so they must not share it.
 
     CE(z, y, [lo, hi))  = mean_i ( -z_{i,y_i} + log sum_{lo_i <= c < hi_i} exp z_{i,c} )
@@ -42,10 +43,12 @@ def kd(z, z_old, T):
 
 
 def unit(a, dim=1):
+    a = a.double()
     return a / a.norm(dim=dim, keepdim=True)
 
 
 def cosine(a, b):
+    a, b = a.double(), b.double()
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
 
 

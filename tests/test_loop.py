@@ -1,4 +1,4 @@
-"""The shared training loop (utils/train_loop.Engine) and checkpoints, by what they do to a toy method whose
+"""The shared training loop (trainer/engine, Engine) and checkpoints, by what they do to a toy method whose
 gradients are known in closed form: one optimiser step per batch on the sum of the named losses, gradients
 zeroed every step, the optimiser and schedule the stage asks for, hooks after every epoch, stages and actions in
 order, and a resumed stage that ends exactly where an uninterrupted one does."""
@@ -19,6 +19,8 @@ from utils.registry import UserError
 from trainer.engine.engine import Engine
 from trainer.engine.hooks import Hook
 from utils.types import Action, OptimConfig, Stage, Task
+
+pytestmark = pytest.mark.precision  # the engine's tests run in float32 and under bfloat16 autocast
 
 TASK = Task(0, 0, 2, 1)
 

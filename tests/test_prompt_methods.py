@@ -329,12 +329,12 @@ def test_coda_prompt_weights_the_components_by_attended_cosine_and_penalises_non
     for j, layer in enumerate(comp.layers):
         attended = q[:, None, :] * A[j][None]  # (B, M, D)
         alpha = (attended * K[j][None]).sum(2) / (attended.norm(dim=2) * K[j].norm(dim=1)[None])
-        prefixes[layer] = torch.einsum("bm,mtld->btld", alpha, P[j])
+        prefixes[layer] = torch.einsum("bm,mtld->btld", alpha.double(), P[j].double()).float()  # float32, as documented
     z = method.network.fc(vit(x, prefixes))
     close(losses["ce"], ce(z, y, 2, 4))
     penalty = 0.0
     for M in (K, A, P.flatten(2)):
         for j in range(len(comp.layers)):
-            gram = M[j] @ M[j].T
+            gram = M[j].double() @ M[j].double().T
             penalty = penalty + ((gram - torch.eye(len(gram))) ** 2).mean()
     close(losses["ortho"], 0.5 * penalty, tol=1e-4)
