@@ -100,8 +100,9 @@ class GlobalConfig:
                                 range=NON_NEGATIVE)
     save_pred_record: bool = key(False, "save test predictions and targets per task as .npz in the run folder")
     num_workers: int = key(0, "DataLoader worker processes", range=NON_NEGATIVE)
-    amp: bool = key(True, "bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX); "
-                          "ignored elsewhere")
+    amp: bool = key(True, "autocast where it pays off: bfloat16 on GPUs of compute capability 8.0+ and CPUs with "
+                          "native bfloat16 (AVX512-BF16, AMX), float16 with gradient scaling on older GPUs; "
+                          "float32 elsewhere")
     precision: str = key("float32", "float32, or float64 (every weight, input and loss; slower, no autocast): for "
                                     "checking that two runs compute the same thing, e.g. distributed against one "
                                     "process, where float32 rounding grows into different weights",
