@@ -5,7 +5,9 @@ adapters.
 Known answers: DER's CE over the concatenated extractors, auxiliary CE with an "others" class and balanced-head CE,
 its frozen old extractor; ACL's "others" CE of the new task's head on its own adapters and its min-others routing
 (written out in _routing_by_hand); DynaMMo's merged adapters (the mean of the task adapters) and its prediction
-through them; the merge strategies on hand-made weights. The formulas are in tests/formulas.py, the builders of a
+through them; every merge strategy through DynaMMo's "merge" Action with its default lambda, the BN statistics
+averaged or re-estimated (written out in _merge_by_hand and _plain_average); the merge strategies on hand-made
+weights. The formulas are in tests/formulas.py, the builders of a
 method on the digits fixture in tests/method_builders.py.
 
 To add a method of this family, copy the test of ACL
@@ -447,3 +449,223 @@ def test_dynammo_merges_the_task_adapters_into_their_mean_and_predicts_through_i
         task_id, expected = _routing_by_hand([h(f) for h in net.heads])
     assert torch.equal(scores["task_id"], task_id)
     torch.testing.assert_close(scores["cnn"].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- DynaMMo's merge options, through the method ----
+def _dynammo_after_three_tasks(*overrides):
+    """DynaMMo (digits, 8 px, adapters before stage_1..stage_3) in its third task, every task's adapters at every
+    point set to distinct seeded random parameters and BN statistics (10 (t + 1) batches counted), and a memory of
+    two exemplars of each old class; the balanced set is drawn at random (no inference)."""
+    method = build("dynammo", "--memory_size", "12", "--sampling_method", "random", *overrides)
+    for t in range(3):
+        start(method, t)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for point in method.network.adapters:
+            for t, adapter in enumerate(point):
+                for p in adapter.parameters():
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+                for bn in (adapter.bn1, adapter.bn2):
+                    bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator))
+                    bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=generator))
+                    bn.num_batches_tracked.fill_(10 * (t + 1))
+    method.memory.exemplars = {c: positions(method, [c], per_class=2) for c in range(4)}
+    return method
+
+
+def _task_sets(net):
+    """Each task's adapter parameters at every point, {(point, name): float64 tensor}."""
+    return [{(i, n): p.detach().double().clone() for i, point in enumerate(net.adapters)
+             for n, p in point[t].named_parameters()} for t in range(len(net.adapters[0]))]
+
+
+def _merge_by_hand(sets, strategy, lam, keep):
+    """The merge formulas of backbone/adapters.py's docstring on {(point, name): tensor} sets, theta_0 = sets[0]:
+    mean; theta_0 + lam sum_t tau_t; TIES (trim each tau_t to its `keep` share of largest magnitudes over the whole
+    set, elect the sign of the sum, average the entries agreeing with it); MagMax (per entry the tau_t of largest
+    magnitude)."""
+    names, theta0 = list(sets[0]), sets[0]
+    if strategy == "mean":
+        return {n: sum(s[n] for s in sets) / len(sets) for n in names}
+    taus = [{n: s[n] - theta0[n] for n in names} for s in sets[1:]]
+    if strategy == "task_arithmetic":
+        return {n: theta0[n] + lam * sum(tau[n] for tau in taus) for n in names}
+    if strategy == "magmax":
+        out = {}
+        for n in names:
+            best = taus[0][n]
+            for tau in taus[1:]:
+                best = torch.where(tau[n].abs() > best.abs(), tau[n], best)
+            out[n] = theta0[n] + lam * best
+        return out
+    trimmed = []
+    for tau in taus:
+        magnitudes = torch.cat([tau[n].abs().flatten() for n in names]).sort(descending=True).values
+        threshold = magnitudes[round(keep * len(magnitudes)) - 1]
+        trimmed.append({n: torch.where(tau[n].abs() >= threshold, tau[n], torch.zeros_like(tau[n])) for n in names})
+    out = {}
+    for n in names:
+        sign = torch.sign(sum(tau[n] for tau in trimmed))
+        agreeing = [(tau[n] != 0) & (torch.sign(tau[n]) == sign) for tau in trimmed]
+        total = sum(torch.where(a, tau[n], torch.zeros_like(tau[n])) for a, tau in zip(agreeing, trimmed))
+        count = sum(a.double() for a in agreeing)
+        out[n] = theta0[n] + lam * torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return out
+
+
+def _record_bn_inputs(network, into):
+    """Hooks that append, while a merged adapter's BN runs in train mode, its input to into[(point, bn name)]."""
+    def record(key):
+        def hook(bn, args, out):
+            if bn.training:
+                into.setdefault(key, []).append(args[0].detach().clone())
+        return hook
+
+    return [getattr(adapter, name).register_forward_hook(record((i, name)))
+            for i, adapter in enumerate(network.merged) for name in ("bn1", "bn2")]
+
+
+def _merged_bn_inputs(network, x, batch_size, autocast):
+    """{(point, bn name): [its input in each batch]}: batches of x in order through the merged path of the network
+    in eval mode, its merged adapters in train mode, under `autocast` (the engine's). Not on a copy (the adapters'
+    hooks belong to the network that registered them), so this changes the merged BN statistics: read them first."""
+    inputs = {}
+    hooks = _record_bn_inputs(network, inputs)
+    network.eval()
+    network.merged.train()
+    try:
+        with torch.no_grad(), autocast:
+            for batch in x.split(batch_size):
+                network.forward_paths(batch, [MERGED])
+    finally:
+        for h in hooks:
+            h.remove()
+        network.eval()
+    return inputs
+
+
+def _plain_average(batches):
+    """The mean over the batches of each channel's batch mean and unbiased batch variance, in float64."""
+    means, variances = [], []
+    for h in batches:
+        h = h.double()
+        mean = h.mean((0, 2, 3))
+        means.append(mean)
+        variances.append(((h - mean.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) / (h.numel() // h.shape[1] - 1))
+    return sum(means) / len(means), sum(variances) / len(variances)
+
+
+#: merge_lambda when it is not set (the module docstring of methods/multi_steps/dynammo.py)
+DOCUMENTED_LAMBDA = {"mean": 1.0, "task_arithmetic": 0.5, "ties": 1.0, "magmax": 0.5}
+
+
+@known_answer("dynammo")
+@pytest.mark.parametrize("recalibrate", [False, True], ids=["averaged_bn", "recalibrated_bn"])
+@pytest.mark.parametrize("strategy", ["mean", "task_arithmetic", "ties", "magmax"])
+def test_dynammo_merge_action_known_answers(strategy, recalibrate, monkeypatch):
+    """The "merge" Action of DynaMMo's third task, merge_lambda and ties_keep unset: the merged adapters are the
+    strategy's formula over the three task adapter sets with the documented default lambda and keep 0.2; the BN
+    statistics are the task adapters' average, or with recalibrate_bn the plain average over the inference batches
+    (5 images each here) of the un-augmented balanced set through the merged path in train mode, the old ones gone.
+    The digits' train augmentation is made to flip every image, so that augmented images would show."""
+    from torchvision import transforms as T
+
+    from datasets.digits import Digits
+
+    monkeypatch.setattr(Digits, "train_augment", lambda self: [T.RandomHorizontalFlip(p=1.0)])
+    method = _dynammo_after_three_tasks("--merge_strategy", strategy, "--recalibrate_bn", str(recalibrate).lower())
+    net, task = method.network, method.task
+    sets = _task_sets(net)
+    expected = _merge_by_hand(sets, strategy, DOCUMENTED_LAMBDA[strategy], 0.2)
+    bn_means = {(i, f"{bn}.{stat}"): torch.stack([getattr(getattr(a, bn), stat).double() for a in point]).mean(0)
+                for i, point in enumerate(net.adapters) for bn in ("bn1", "bn2")
+                for stat in ("running_mean", "running_var")}
+    untouched = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("merged.")}
+    engine, calls, seen = Engine(torch.device("cpu"), amp=False), [], {}
+
+    def infer(fn, dataset, module, whole=False):
+        calls.append(dataset)
+        return engine.infer(fn, dataset, module, batch_size=5, whole=whole)
+
+    merge, = [s for s in method.stages(task, None, infer) if isinstance(s, Action)]
+    assert merge.name == "merge"
+    hooks = _record_bn_inputs(net, seen)  # what the merged BN layers see in train mode during the merge
+    with torch.no_grad():
+        merge.run()
+    for h in hooks:
+        h.remove()
+    for i, adapter in enumerate(net.merged):
+        for n, p in adapter.named_parameters():
+            torch.testing.assert_close(p.double(), expected[(i, n)], rtol=1e-6, atol=1e-7, msg=f"{i}.{n}")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in untouched.items())  # task adapters, backbone, heads
+    if not recalibrate:
+        assert not calls and not seen
+        for (i, name), mean in bn_means.items():
+            torch.testing.assert_close(net.merged[i].get_buffer(name).double(), mean, rtol=1e-6, atol=1e-6)
+        assert all(int(a.bn1.num_batches_tracked) == 20 for a in net.merged)  # floor of (10 + 20 + 30) / 3
+        return
+    result = {(i, name): getattr(adapter, name) for i, adapter in enumerate(net.merged) for name in ("bn1", "bn2")}
+    result = {k: (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked), bn.momentum)
+              for k, bn in result.items()}
+    assert set(seen) == set(result)
+    for key, (running_mean, running_var, batches, momentum) in result.items():  # the plain average, old ones gone
+        mean, var = _plain_average(seen[key])
+        torch.testing.assert_close(running_mean.double(), mean, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(running_var.double(), var, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        assert (batches, momentum) == (3, 0.1), (key, batches, momentum)
+    # ... of the batches of the un-augmented balanced set (old exemplars and two of each new class), in order, through
+    # the merged path (recomputed here with the engine's autocast: none, amp is off)
+    balanced = calls[-1].indices
+    assert np.bincount(method.data.train_y[balanced]).tolist() == [2] * 6
+    clean = method.data.dataset("train", balanced, augment=False)
+    x, _ = clean.batch(torch.arange(len(clean)), torch.device("cpu"))  # the images as the engine reads them
+    by_hand = _merged_bn_inputs(net, engine.to_device(x), 5, engine.autocast())
+    for key, inputs in by_hand.items():
+        assert [len(h) for h in inputs] == [len(h) for h in seen[key]] == [5, 5, 2]
+        for h, h_seen in zip(inputs, seen[key]):
+            torch.testing.assert_close(h_seen.double(), h.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["task_arithmetic", "ties", "magmax"])
+def test_dynammo_merge_lambda_and_ties_keep_override_the_defaults(strategy):
+    method = _dynammo_after_three_tasks("--merge_strategy", strategy, "--merge_lambda", "0.3", "--ties_keep", "0.4",
+                                        "--recalibrate_bn", "false")
+    expected = _merge_by_hand(_task_sets(method.network), strategy, 0.3, 0.4)
+    with torch.no_grad():
+        method.merge(None, None)
+    for i, adapter in enumerate(method.network.merged):
+        for n, p in adapter.named_parameters():
+            torch.testing.assert_close(p.double(), expected[(i, n)], rtol=1e-6, atol=1e-7, msg=f"{i}.{n}")
+
+
+def test_dynammo_default_merge_lambdas_are_the_documented_ones():
+    from methods.multi_steps.dynammo import DEFAULT_LAMBDA, DynaMMoConfig
+
+    assert DEFAULT_LAMBDA == DOCUMENTED_LAMBDA
+    assert DynaMMoConfig.merge_lambda is None and DynaMMoConfig.ties_keep == 0.2
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_dynammo_stage_2_trains_the_heads_and_with_finetune_merged_the_merged_adapters_never_the_task_ones(finetune):
+    """What requires grad inside the heads stage: every task head, plus the merged adapters with finetune_merged;
+    never a task adapter or the backbone. Afterwards the flags are as before."""
+    method = _dynammo_after_three_tasks("--finetune_merged", str(finetune).lower())
+    net, task = method.network, method.task
+    with torch.no_grad():
+        method.merge(None, None)
+    before = {n: p.requires_grad for n, p in method.named_parameters()}
+    stage, = [s for s in method.stages(task, None, None) if getattr(s, "name", None) == "heads"]
+    trained = []
+
+    def recording(x, y):
+        trained.append({n for n, p in method.named_parameters() if p.requires_grad})
+        return stage.step(x, y)
+
+    data = method.data.dataset("train", positions(method, range(6), per_class=2))
+    run_stage(method, Engine(torch.device("cpu"), amp=False), task, "heads", None, data=lambda: data, step=recording,
+              optim=OptimConfig(epochs=1, lrate=0.01, batch_size=12, opt_type="adam"))
+    heads = {f"network.heads.{n}" for n, _ in net.heads.named_parameters()}
+    merged = {f"network.merged.{n}" for n, _ in net.merged.named_parameters()}
+    assert len(heads) == 6 and len(merged) == 27
+    assert trained == [heads | merged if finetune else heads]
+    assert {n: p.requires_grad for n, p in method.named_parameters()} == before

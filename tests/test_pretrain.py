@@ -396,6 +396,7 @@ def batch_statistics(module, batches):
 
 def assert_plain_average(norms, stats, tol=1e-5):
     """Each BN layer's running mean and variance are the unweighted mean over the batches of its batch statistics."""
+    assert set(stats) == set(norms)  # every layer was seen by the pass by hand
     for name, bn in norms.items():
         means, variances = zip(*stats[name])
         torch.testing.assert_close(bn.running_mean.double(), sum(means) / len(means), rtol=tol, atol=tol, msg=name)
