@@ -54,8 +54,8 @@ def test_task_scores_group_by_task_ranges():
     assert metrics.task_scores(y, p, [(0, 2), (2, 4)]) == pytest.approx([50.0, 200 / 3])
 
 
-def test_mean_std_over_seeds():
-    assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+def test_mean_std_over_seeds_is_the_sample_std():
+    assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
 
 
 def test_forgetting_and_bwt_on_a_second_matrix():
@@ -80,11 +80,13 @@ def test_summary_holds_forgetting_bwt_and_the_last_row():
     assert metrics.average_incremental_accuracy([10.0, 20.0, 60.0]) == pytest.approx(30.0)
 
 
-def test_mean_std_is_the_population_std_and_skips_missing_values():
+def test_mean_std_is_the_sample_std_and_skips_missing_values():
     out = metrics.mean_std([1.0, 2.0, 3.0, 4.0, None])
-    assert out["mean"] == pytest.approx(2.5) and out["std"] == pytest.approx(math.sqrt(1.25))
-    assert metrics.mean_std([7.0]) == {"mean": 7.0, "std": 0.0}
-    assert metrics.mean_std([None]) == {"mean": None, "std": None}
+    assert out["mean"] == pytest.approx(2.5) and out["std"] == pytest.approx(math.sqrt(5.0 / 3)) and out["n"] == 4
+    assert metrics.mean_std([7.0]) == {"mean": 7.0, "std": None, "n": 1}  # one seed: no spread to report
+    assert metrics.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert metrics.format_mean_std(metrics.mean_std([1.0, 3.0])) == "2.00 ± 1.41"
+    assert metrics.format_mean_std(metrics.mean_std([7.0])) == "7.00" and metrics.format_mean_std(None) == "-"
 
 
 def test_mean_class_recall_weights_every_class_alike():

@@ -1,4 +1,8 @@
-"""Resolve the `--device` string once; everything else receives the torch.device."""
+"""Resolve the `--device` string once; everything else receives the torch.device. `machine` says what a run ran
+on (recorded in results.json beside its numbers)."""
+import os
+import platform
+
 import torch
 
 from utils.registry import UserError
@@ -56,3 +60,23 @@ def device_ids(spec: str) -> list[int]:
     if len(set(ids)) != len(ids):
         raise UserError(f"device list '{spec}' names a GPU twice")
     return ids
+
+
+def machine(device: torch.device) -> dict:
+    """The hardware and software that computes on `device`: its model (CPU or GPU), native bfloat16 (CPU) or
+    compute capability (CUDA), this process's threads, and the torch version."""
+    from trainer.engine.fastpath import cpu_bf16_native
+
+    info = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        return {**info, "model": torch.cuda.get_device_name(device),
+                "cuda_capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}
+    return {**info, "model": _cpu_model(), "cores": os.cpu_count(), "native_bfloat16": cpu_bf16_native()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

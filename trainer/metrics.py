@@ -74,6 +74,17 @@ def summarize(totals: list[float], rows: list[list[float]]) -> dict:
 
 
 def mean_std(values: list[float]) -> dict:
-    """Mean and population std over seeds (std 0 for a single seed)."""
+    """Mean and sample standard deviation (n - 1: the seeds are a sample) over the values that are not None, and
+    their number n; the std is None for fewer than two values (one seed says nothing of the spread)."""
     arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return {"mean": float(arr.mean()), "std": float(arr.std())} if len(arr) else {"mean": None, "std": None}
+    if not len(arr):
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None, "n": len(arr)}
+
+
+def format_mean_std(stat: dict | None, digits: int = 2) -> str:
+    """'mean ± std' (sample std), or just the mean for one seed, '-' for none."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    mean = f"{stat['mean']:.{digits}f}"
+    return mean if stat.get("std") is None else f"{mean} ± {stat['std']:.{digits}f}"

@@ -24,7 +24,7 @@ from trainer import checkpoint, report
 from trainer.checkpoint import atomic_write
 from trainer.config_loader import check_folder_name
 from trainer.log import close_logging, setup_logging
-from trainer.metrics import mean_std, summarize
+from trainer.metrics import format_mean_std, mean_std, summarize
 from utils import distributed
 from utils.registry import UserError
 
@@ -153,9 +153,8 @@ class ResultsFile:
             raise UserError(f"the results are in {self.path}, but the table and plots cannot be written: "
                             f"{err.strerror or err}" + (f" ('{err.filename}')" if err.filename else "")) from None
         s = results["summary"]
-        log.info(f"done: last {self.cfg.eval_metric} {s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f}, "
-                 f"average incremental {s['avg_incremental_acc']['mean']:.2f} ± "
-                 f"{s['avg_incremental_acc']['std']:.2f}, forgetting {s['forgetting']['mean']:.2f}, "
+        log.info(f"done: last {self.cfg.eval_metric} {format_mean_std(s['last_acc'])}, average incremental "
+                 f"{format_mean_std(s['avg_incremental_acc'])}, forgetting {s['forgetting']['mean']:.2f}, "
                  f"{s['final_gflops']['mean']:.4f} GFLOPs ({len(self.runs)} seed(s)); results in {self.path}")
         return results
 

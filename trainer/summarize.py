@@ -1,7 +1,7 @@
 """Compare runs: python -m trainer.summarize DIR... [--csv FILE]
 
 Prints one table with a row per run found under the given folders (every results.json below them): method,
-dataset, backbone, seeds, last and average incremental accuracy (mean ± std over seeds), forgetting and the
+dataset, backbone, seeds, last and average incremental accuracy (mean ± sample std over seeds), forgetting and the
 final inference GFLOPs.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import glob
 import json
 import os
 import sys
+
+from trainer.metrics import format_mean_std
 
 COLUMNS = ("method", "dataset", "backbone", "seeds", "last_acc", "avg_incremental_acc", "forgetting", "gflops",
            "run")
@@ -35,7 +37,7 @@ def collect(folders: list[str]) -> list[dict]:
 
 
 def _pm(stat: dict) -> str:
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+    return format_mean_std(stat)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -13,6 +13,7 @@ import torch
 
 from datasets.scenario import DataManager
 from methods import METHODS, build_method
+from trainer.device import machine
 from trainer.engine.engine import Engine
 from trainer.evaluation import task_entry
 from trainer.flops import InferenceCost
@@ -51,6 +52,10 @@ class SeedRun:
         """Train the seed task by task from where it starts; returns its record."""
         method, engine, data = self.method, self.engine, self.data
         method.run_dir = run_dir  # where a method may write files of its own (contrastive_pretrain: the backbone)
+        environment = {**machine(self.device), **engine.fast_paths()}
+        history = self.record.setdefault("environment", [])  # every machine a (resumed) seed ran on
+        if not history or history[-1] != environment:
+            history.append(environment)
         for hook in hooks:
             engine.register(hook)
             hook.before_run(self)

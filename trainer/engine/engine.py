@@ -85,12 +85,19 @@ class Engine:
         self.hooks: list[Hook] = []
         self.progress = sys.stderr.isatty()
 
+    def fast_paths(self) -> dict:
+        """The precision and fast paths in use (recorded in results.json beside the numbers they produced)."""
+        name = (lambda dtype: str(dtype).removeprefix("torch.") if dtype is not None else None)
+        return {"precision": name(self.dtype), "autocast": name(self.autocast_dtype),
+                "gradient_scaling": self.autocast_dtype == torch.float16, "channels_last": self.channels_last,
+                "processes": self.world, "sync_bn": self.sync_bn and self.world > 1}
+
     def describe(self) -> str:
         """The fast paths in use, for the run log."""
-        autocast = "no autocast" if not self.amp else f"{str(self.autocast_dtype).removeprefix('torch.')} autocast" \
-            + (" with gradient scaling" if self.autocast_dtype == torch.float16 else "")
-        return (f"{str(self.dtype).removeprefix('torch.')}, {autocast}, "
-                f"channels-last {'on' if self.channels_last else 'off'}, "
+        paths = self.fast_paths()
+        autocast = f"{paths['autocast']} autocast" if paths["autocast"] else "no autocast"
+        return (f"{paths['precision']}, {autocast}" + (" with gradient scaling" if paths["gradient_scaling"] else "")
+                + f", channels-last {'on' if self.channels_last else 'off'}, "
                 f"{self.num_workers} DataLoader workers for file datasets"
                 + (f", {self.world} processes (sync BN {'on' if self.sync_bn else 'off'})" if self.world > 1 else ""))
 
