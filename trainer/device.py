@@ -67,7 +67,7 @@ def machine(device: torch.device) -> dict:
     compute capability (CUDA), this process's threads, and the torch version."""
     from trainer.engine.fastpath import cpu_bf16_native
 
-    info = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {"device": str(device), "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
     if device.type == "cuda":
         return {**info, "model": torch.cuda.get_device_name(device),
                 "cuda_capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}
