@@ -3,21 +3,30 @@ generated, never typed by hand).
 
 Every row runs `python main.py --config options/<method>/digits.yaml --seed 1 2 3` plus the budget below as
 command-line overrides (so a method's yaml cannot step outside it), one run at a time, each on one CPU thread,
-and reads its results.json: mean ± std over the seeds of last accuracy, average incremental accuracy and
-forgetting, the inference GFLOPs and parameters after the last task, and the training wall time per seed.
+and reads its results.json: mean ± sample std (n - 1) over the seeds of last accuracy, average incremental
+accuracy and forgetting, the inference GFLOPs and parameters after the last task, and the training wall time per
+seed. The header says what ran the runs, from their results.json: the CPU model, the precision (bfloat16 autocast
+on a CPU with native bfloat16, float32 elsewhere) and the fast paths, listing each distinct environment if the
+runs do not share one; what else the machine ran meanwhile (which the runs cannot know, and which slows the wall
+times) is `--conditions`.
 A method's own hyper-parameters (learning rate, loss weights, its extra stages) come from its yaml; the optimiser
 of each row is printed beside it. The prompt methods run on a ViT, as their papers do, in a table of their own.
 
     python -m benchmarks.tables.compare_methods [--seeds 1 2 3] [--methods icarl wa ...] [--reuse]
-                                                [--out docs/results.md]
+                                                [--out docs/results.md] [--conditions TEXT] [--merging FILE]
+
+Without `--merging`, the DynaMMo section already in `--out` (benchmarks.tables.dynammo_merging's) is kept.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 import time
 
+from benchmarks.environment import common, of_runs
 from benchmarks.run import ROOT, RunFailed, finished_run, run_config
+from trainer.metrics import format_mean_std
 
 # The common budget of the CNN table (digits, resnet32 / cosine_resnet32 from scratch).
 CNN_BUDGET = {"img_size": 16, "init_epochs": 5, "epochs": 5, "batch_size": 32, "memory_size": 200,
@@ -104,11 +113,8 @@ def run_row(row: dict, seeds: list[str], log_root: str, reuse: bool) -> dict:
         finally:
             print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     results = found[0]
-    return {**row, "summary": results["summary"], "cmd": shown, "optimiser": _optimiser(_config(method, overrides))}
-
-
-def fmt(stat: dict | None) -> str:
-    return "-" if not stat or stat["mean"] is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+    return {**row, "summary": results["summary"], "cmd": shown, "optimiser": _optimiser(_config(method, overrides)),
+            "environments": of_runs(results)}
 
 
 def table(done: list[dict]) -> list[str]:
@@ -119,8 +125,9 @@ def table(done: list[dict]) -> list[str]:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
             continue
         s = r["summary"]
-        lines.append(f"| {r['label']} | {fmt(s['last_acc'])} | {fmt(s['avg_incremental_acc'])} | "
-                     f"{fmt(s['forgetting'])} | {fmt(s.get('last_nme_acc'))} | {s['final_gflops']['mean']:.4f} | "
+        stats = " | ".join(format_mean_std(s.get(k)) for k in ("last_acc", "avg_incremental_acc", "forgetting",
+                                                                "last_nme_acc"))
+        lines.append(f"| {r['label']} | {stats} | {s['final_gflops']['mean']:.4f} | "
                      f"{s['final_params']['mean'] / 1e6:.3f} | {s['train_time_s']['mean']:.0f} | {r['optimiser']} |")
     return lines
 
@@ -142,15 +149,16 @@ def targets(done: list[dict]) -> list[str]:
     if "bic" in last and "wa" in last:
         checks.append((f"BiC >= WA - 2 ({last['wa']['mean'] - 2:.2f})", last["bic"]["mean"] >= last["wa"]["mean"] - 2,
                        f"bic {last['bic']['mean']:.2f}"))
-    if "podnet" in last:
-        checks.append(("PODNet's std over seeds <= 4", last["podnet"]["std"] <= 4,
+    if "podnet" in last and last["podnet"]["std"] is not None:
+        checks.append(("PODNet's sample std over seeds <= 4", last["podnet"]["std"] <= 4,
                        f"std {last['podnet']['std']:.2f}"))
     return [f"- {'met' if ok else 'NOT met'}: {text}" + ("" if ok or not why else f" ({why})")
             for text, ok, why in checks]
 
 
-def plot(done: list[dict], path: str) -> None:
-    """Last accuracy against inference GFLOPs, one point per method with the std over seeds as error bars."""
+def plot(done: list[dict], path: str, environment: str) -> None:
+    """Last accuracy against inference GFLOPs, one point per method with the sample std over seeds as error bars
+    (none for one seed); `environment` (precision and CPU) under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,15 +172,16 @@ def plot(done: list[dict], path: str) -> None:
             continue
         x = [r["summary"]["final_gflops"]["mean"] for r in points]
         y = [r["summary"]["last_acc"]["mean"] for r in points]
-        err = [r["summary"]["last_acc"]["std"] for r in points]
+        err = [r["summary"]["last_acc"]["std"] or 0 for r in points]
         ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=label)
         for r, xi, yi in zip(points, x, y):
             ax.annotate(SHORT.get(r["label"], r["label"]), (xi, yi), textcoords="offset points", xytext=(5, -3),
                         fontsize=7)
     ax.set_xscale("log")
     ax.set(xlabel="inference GFLOPs per image after the last task (fvcore, log scale)",
-           ylabel="last accuracy (%), mean ± std over seeds", ylim=(0, 102),
-           title="digits, 5 tasks of 2 classes: accuracy against inference cost")
+           ylabel="last accuracy (%), mean ± sample std over seeds", ylim=(0, 102))
+    ax.set_title("digits, 5 tasks of 2 classes: accuracy against inference cost\n"
+                 + "\n".join(textwrap.wrap(environment, 110)), fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -180,16 +189,24 @@ def plot(done: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+MERGING_TITLE = "## DynaMMo's merge strategies against ACL"
+
+
 def merging(args) -> list[str]:
-    """The section of benchmarks.tables.dynammo_merging's table (as it wrote it), its PNG copied beside --out."""
+    """The section of benchmarks.tables.dynammo_merging's table (as it wrote it), its PNG copied beside --out;
+    without --merging, that section as it stands in --out (kept, not regenerated here)."""
     if not args.merging:
-        return []
+        if not os.path.isfile(args.out):
+            return []
+        with open(args.out) as f:
+            text = f.read()
+        return ["", MERGING_TITLE + text.split(MERGING_TITLE, 1)[1].rstrip("\n")] if MERGING_TITLE in text else []
     import shutil
 
     with open(args.merging) as f:
         text = f.read().strip().split("\n", 1)[1]  # without its own title
     png = os.path.splitext(args.merging)[0] + ".png"
-    lines = ["", "## DynaMMo's merge strategies against ACL", "", text]
+    lines = ["", MERGING_TITLE, "", text]
     if os.path.isfile(png):
         shutil.copy(png, os.path.join(os.path.dirname(os.path.abspath(args.out)), os.path.basename(png)))
         lines += ["", f"![last accuracy against inference GFLOPs]({os.path.basename(png)})"]
@@ -205,16 +222,22 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs found under --log_root")
     parser.add_argument("--merging", help="the dynammo_merging.md that benchmarks.tables.dynammo_merging wrote, "
-                                          "to include (with its PNG, copied beside --out)")
+                                          "to include (with its PNG, copied beside --out); default: keep the "
+                                          "section already in --out")
+    parser.add_argument("--conditions", help="what else ran on the machine during the runs, said in the header "
+                                             "(the runs cannot tell; it slows their wall times)")
     args = parser.parse_args(argv)
     done = [run_row(r, args.seeds, args.log_root, args.reuse) for r in rows(args.methods)]  # one run at a time
     trained_min = sum(r["summary"]["train_time_s"]["mean"] * len(args.seeds) for r in done if "summary" in r) / 60
     png = os.path.splitext(args.out)[0] + ".png"
     seeds = " ".join(args.seeds)
+    environment = common([e for r in done if "summary" in r for e in r["environments"]])  # of the rows that ran
     lines = ["# Methods compared on digits", "",
              f"Generated by `python -m benchmarks.tables.compare_methods --seeds {seeds}` "
-             f"({time.strftime('%Y-%m-%d')}, CPU, one run at a time on one thread; training {trained_min:.0f} min "
-             f"summed over rows and seeds). Mean ± std over {len(args.seeds)} seeds ({seeds}); accuracies in %; "
+             f"({time.strftime('%Y-%m-%d')}, one run at a time; {environment}"
+             + (f"; {args.conditions}" if args.conditions else "") + f"; training {trained_min:.0f} min "
+             f"summed over rows and seeds). Mean ± sample std (n - 1) over {len(args.seeds)} seeds ({seeds}); "
+             "accuracies in %; "
              "\"last acc\" is the method's classifier of record after the last task (NME for iCaRL, the network's "
              "head otherwise); GFLOPs = fvcore count (multiply-adds) per image at test time after the last task; "
              "params = those the test-time forward uses; train time = wall time of training summed over the tasks, "
@@ -231,7 +254,7 @@ def main(argv=None) -> list[dict]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(done, png)
+    plot(done, png, environment.removeprefix("every run: "))
     print("\n".join(lines))
     return done
 

@@ -13,9 +13,11 @@ assume a shared starting point. Backbones:
 Every run is `python main.py --config ... --seed S` in a subprocess with OMP_NUM_THREADS=1; ACL and DynaMMo of a
 seed share the class order, the memory and (the test suite checks it) every task adapter, so the comparison is
 paired. Writes into the output folder (default benchmarks/out/, git-ignored): `logs/` (the runs),
-`dynammo_merging.csv` (a row per run), `dynammo_merging.md` (mean ± std over seeds of last accuracy, average
-incremental accuracy, task-id accuracy, inference GFLOPs and parameters after the last task, and the issue's
-checks) and `dynammo_merging.png` (last accuracy against GFLOPs).
+`dynammo_merging.csv` (a row per run), `dynammo_merging.md` (mean ± sample std (n - 1) over seeds of last
+accuracy, average incremental accuracy, task-id accuracy, inference GFLOPs and parameters after the last task,
+and the issue's checks; its header says what ran the runs, from their results.json: CPU model, precision and fast
+paths, or each distinct environment if they do not share one) and `dynammo_merging.png` (last accuracy against
+GFLOPs, sample std error bars).
 
     python -m benchmarks.tables.dynammo_merging [--out benchmarks/out] [--seeds 1 2 3] [--jobs 1] [--reuse]
                                                 [--backbones task0 ssl] [--variants acl "dynammo mean" ...]
@@ -28,11 +30,14 @@ import os
 import shlex
 import shutil
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from benchmarks.environment import common, of_runs
 from benchmarks.run import ROOT, RunFailed, finished_run, run_config
-from trainer.metrics import mean_std
+from trainer.metrics import format_mean_std, mean_std
+
 #: key -> (label, config file, overrides, pretraining config writing the file the runs load, that file)
 BACKBONES = {
     "task0": ("task-0-trained", "digits.yaml", [], None, None),
@@ -86,30 +91,27 @@ def run_one(backbone: str, label: str, method: str, overrides: list[str], seed: 
     last = run["tasks"][-1]
     print(f"{row['backbone']:>16} | {label:<32} seed {seed}: last {run['last_acc']:.2f}", flush=True)
     return {**row, "last_acc": run["last_acc"], "avg_incremental_acc": run["avg_incremental_acc"],
-            "task_id_acc": last.get("task_id_acc"), "gflops": last["gflops"], "params": last["params"]}
+            "task_id_acc": last.get("task_id_acc"), "gflops": last["gflops"], "params": last["params"],
+            "environment": run.get("environment") or [None]}
 
 
-def ensure_pretrained(backbone: str) -> None:
-    """A self-supervised backbone: run its pretraining config when the file it writes is missing."""
+def ensure_pretrained(backbone: str) -> str | None:
+    """A self-supervised backbone: run its pretraining config when the file it writes is missing. Returns a
+    sentence on where the file came from (what ran its pretraining, when it ran here), None for no file."""
     config, path = BACKBONES[backbone][3:]
-    if config is None or os.path.isfile(os.path.join(ROOT, path)):
-        return
+    if config is None:
+        return None
+    if os.path.isfile(os.path.join(ROOT, path)):
+        return f"{path}: an existing file (what pretrained it is not recorded here)"
     print(f"{path} is missing: python main.py --config {config}", flush=True)
-    run_config(["--config", config, "--device", "cpu"], log_root=os.path.join(ROOT, "logs", "pretrain"), threads=1)
-
-
-def mean_and_std(values: list) -> tuple[float, float] | None:
-    """(mean, population std) over the seeds that have the value, or None: trainer.metrics.mean_std as a pair."""
-    stat = mean_std(values)
-    return None if stat["mean"] is None else (stat["mean"], stat["std"])
-
-
-def fmt(stat, digits: int = 2) -> str:
-    return "-" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+    results, _ = run_config(["--config", config, "--device", "cpu"], log_root=os.path.join(ROOT, "logs", "pretrain"),
+                            threads=1)
+    return f"{path}: pretrained by this command, {common(of_runs(results))}"
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (backbone, variant), in the order the runs came."""
+    """Mean and sample std over seeds (trainer.metrics.mean_std) per (backbone, variant), in the order the runs
+    came."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["backbone"], r["variant"]), []).append(r)
@@ -118,7 +120,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         ok = [r for r in rs if "error" not in r]
         table.append({"backbone": backbone, "variant": variant, "seeds": len(ok),
                       "errors": [r["error"] for r in rs if "error" in r],
-                      **{k: mean_and_std([r[k] for r in ok]) for k in
+                      **{k: mean_std([r[k] for r in ok]) for k in
                          ("last_acc", "avg_incremental_acc", "task_id_acc", "gflops", "params")}})
     return table
 
@@ -127,11 +129,11 @@ def checks(table: list[dict]) -> list[str]:
     """The issue's done-means, evaluated on the table."""
     lines = []
     for backbone, merged_margin, best_margin in ((BACKBONES["ssl"][0], 3.0, 1.0), (BACKBONES["task0"][0], None, 3.0)):
-        rows = {r["variant"]: r for r in table if r["backbone"] == backbone and r["last_acc"]}
+        rows = {r["variant"]: r for r in table if r["backbone"] == backbone and r["last_acc"]["mean"] is not None}
         if "acl" not in rows:
             continue
-        acl = rows["acl"]["last_acc"][0]
-        dyn = {v: r["last_acc"][0] for v, r in rows.items() if v.startswith("dynammo")}
+        acl = rows["acl"]["last_acc"]["mean"]
+        dyn = {v: r["last_acc"]["mean"] for v, r in rows.items() if v.startswith("dynammo")}
         if not dyn:
             continue
         best = max(dyn, key=dyn.get)
@@ -150,7 +152,7 @@ def shown_args() -> list[str]:
     return [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
 
 
-def write_outputs(out: str, runs: list[dict], seeds: list[str]) -> str:
+def write_outputs(out: str, runs: list[dict], seeds: list[str], jobs: int, pretrained: list[str]) -> str:
     fields = ["backbone", "variant", "seed", "last_acc", "avg_incremental_acc", "task_id_acc", "gflops", "params",
               "command", "error"]
     with open(os.path.join(out, "dynammo_merging.csv"), "w", newline="") as f:
@@ -159,11 +161,13 @@ def write_outputs(out: str, runs: list[dict], seeds: list[str]) -> str:
         for r in runs:
             writer.writerow({k: r.get(k) for k in fields})
     table = summarise(runs)
+    environment = common([e for r in runs if "error" not in r for e in r["environment"]])
     lines = ["# DynaMMo's merges against ACL on digits", "",
              f"Generated by `python -m benchmarks.tables.dynammo_merging {shlex.join(shown_args())}` "
-             f"({time.strftime('%Y-%m-%d')}, "
-             "CPU, one thread per run). scikit-learn digits, 5 tasks of 2 classes, class order shuffled by each "
-             "seed, 200-sample herding memory, resnet32 at 8 px. Mean ± std over seeds; accuracies in %; "
+             f"({time.strftime('%Y-%m-%d')}, {jobs} run{'' if jobs == 1 else 's'} at a time; {environment}"
+             + "".join(f"; {p}" for p in pretrained) + "). scikit-learn digits, 5 "
+             "tasks of 2 classes, class order shuffled by each seed, 200-sample herding memory, resnet32 at 8 px. "
+             "Mean ± sample std (n - 1) over seeds; accuracies in %; "
              "\"last\" is the accuracy on all classes after the last task, \"task id\" the share of test samples "
              "routed to their own task's head after it; GFLOPs (fvcore multiply-adds per image) and params are "
              "those of the test-time forward after the last task. Backbones: task-0-trained "
@@ -175,23 +179,24 @@ def write_outputs(out: str, runs: list[dict], seeds: list[str]) -> str:
              "| backbone | variant | last acc | avg incremental acc | task-id acc | GFLOPs | params (M) |",
              "|---|---|---|---|---|---|---|"]
     for r in table:
-        if r["last_acc"] is None:
+        if r["last_acc"]["mean"] is None:
             lines.append(f"| {r['backbone']} | {r['variant']} | failed: {'; '.join(r['errors'])} | | | | |")
             continue
-        params = None if r["params"] is None else (r["params"][0] / 1e6, r["params"][1] / 1e6)
-        lines.append(f"| {r['backbone']} | {r['variant']} | {fmt(r['last_acc'])} | {fmt(r['avg_incremental_acc'])} | "
-                     f"{fmt(r['task_id_acc'])} | {r['gflops'][0]:.4f} | {params[0]:.3f} |")
+        lines.append(f"| {r['backbone']} | {r['variant']} | {format_mean_std(r['last_acc'])} | "
+                     f"{format_mean_std(r['avg_incremental_acc'])} | {format_mean_std(r['task_id_acc'])} | "
+                     f"{r['gflops']['mean']:.4f} | {r['params']['mean'] / 1e6:.3f} |")
     lines += ["", "Checks (issue 12):", "", *checks(table), "", "Commands (each seed is run on its own):", ""]
     for r in {r["all_seeds"]: r for r in runs}.values():
         lines.append(f"- {r['backbone']}, {r['variant']}: `{r['all_seeds'].format(seeds=' '.join(seeds))}`")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "dynammo_merging.md"), "w") as f:
         f.write(text)
-    plot(table, os.path.join(out, "dynammo_merging.png"))
+    plot(table, os.path.join(out, "dynammo_merging.png"), environment.removeprefix("every run: "))
     return text
 
 
-def plot(table: list[dict], path: str) -> None:
+def plot(table: list[dict], path: str, environment: str) -> None:
+    """Last accuracy against GFLOPs per backbone, sample std error bars; `environment` (precision, CPU) on top."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,21 +207,22 @@ def plot(table: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(present), figsize=(width, 5), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, backbone in zip(axes, present):
-        rows = [r for r in table if r["backbone"] == backbone and r["last_acc"]]
+        rows = [r for r in table if r["backbone"] == backbone and r["last_acc"]["mean"] is not None]
         for r in rows:
             marker = "s" if r["variant"] == "acl" else ("o" if "finetune" in r["variant"] else "^")
-            ax.errorbar(r["gflops"][0], r["last_acc"][0], yerr=r["last_acc"][1], fmt=marker, capsize=3,
-                        label=r["variant"])
+            ax.errorbar(r["gflops"]["mean"], r["last_acc"]["mean"], yerr=r["last_acc"]["std"] or 0, fmt=marker,
+                        capsize=3, label=r["variant"])
         ax.set_xscale("log")
         ax.set_xlabel("inference GFLOPs per image after the last task (log scale)")
         ax.set_title(f"{backbone} backbone")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("last accuracy (%)")
+    axes[0].set_ylabel("last accuracy (%), mean ± sample std over seeds")
     handles, labels = axes[-1].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.subplots_adjust(left=0.9 / width, right=1 - 3 / width, wspace=0.1)
+    fig.suptitle("\n".join(textwrap.wrap(environment, 12 * width)), fontsize=8)
+    fig.subplots_adjust(left=0.9 / width, right=1 - 3 / width, top=0.84, wspace=0.1)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -235,13 +241,12 @@ def main(argv=None) -> str:
     rows = [v for v in variants() if not args.variants or v[0] in args.variants]
     if not rows:
         parser.error(f"no variant matches {args.variants}; labels: {', '.join(v[0] for v in variants())}")
-    for backbone in args.backbones:
-        ensure_pretrained(backbone)
+    pretrained = [p for p in map(ensure_pretrained, args.backbones) if p]
     todo = [(b, *row, seed) for b in args.backbones for row in rows for seed in args.seeds]
     log_root = os.path.join(out, "logs")
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda t: run_one(*t, log_root, args.reuse), todo))
-    text = write_outputs(out, runs, args.seeds)
+    text = write_outputs(out, runs, args.seeds, args.jobs, pretrained)
     print(text)
     return text
 
