@@ -344,7 +344,7 @@ def test_der_losses_ce_over_all_extractors_and_aux_ce_with_an_others_class():
     with torch.no_grad():
         method.balanced_fc.weight.normal_()
     balanced = method.balance_step(x, y)
-    close(balanced["balanced_ce"], ce(method.balanced_fc(torch.cat(features, 1)) / method.cfg.T, y, 0, 4))
+    close(balanced["balanced_ce"], ce(method.balanced_fc(torch.cat(features, 1)).double() / method.cfg.T, y, 0, 4))
 
 
 @known_answer("dynamic_er")
