@@ -12,9 +12,11 @@ the schedule set on models/icarl.py's module constants (epochs, rates, milestone
 PyCIL's iCaRL reads them from. PyCIL has no digits data set: the checkout needs a `digits` entry in utils/data.py
 serving the same 32 px images; the version read here also needed two one-line fixes to run on CPU with a 2-class
 first task (trainer.py compares the whole device list to -1; models/base.py asks for the top 5 of 2 classes).
-Its per-task NME and CNN accuracy are read from its log. Prints one table per framework, the mean last NME and,
-with both, the mean paired difference over the seeds with its standard error. `--jobs N` runs N of the (framework,
-seed) runs at once, each in its own process on `--threads` threads (wall times then share the machine).
+Its per-task NME and CNN accuracy are read from its log. Prints one table per framework, the mean last NME with
+its sample std over the seeds and what ran it (ours: the CPU model, precision and fast paths our runs recorded in
+results.json; PyCIL: its own float32 loop, no autocast), and, with both, the mean paired difference over the
+seeds with its standard error (sample std / sqrt(n)). `--jobs N` runs N of the (framework, seed) runs at once,
+each in its own process on `--threads` threads (wall times then share the machine).
 
 Seeds are not alike in the two: PyCIL's trainer seeds torch with 1 whatever the seed, so every PyCIL "seed" starts
 from one and the same initial network; here a seed draws the class order, the initial network and the batch
@@ -40,8 +42,9 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from benchmarks.environment import common, of_runs
 from benchmarks.run import run_config
-from trainer.metrics import mean_std
+from trainer.metrics import format_mean_std, mean_std
 
 BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--img_size", "32", "--init_cls", "2",
           "--increment", "2", "--memory_size", "200", "--batch_size", "32", "--lrate", "0.1", "--init_lrate", "0.1",
@@ -58,7 +61,7 @@ def ours(seed: int, epochs: int, log_root: str, backbone: str | None = None) -> 
                              *start_from], log_root=log_root)
     run = results["runs"][0]
     return {"nme": [t["nme_acc"] for t in run["tasks"]], "cnn": [t["cnn_acc"] for t in run["tasks"]],
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "environment": of_runs(results)}
 
 
 # PyCIL's models/icarl.py takes its schedule from module constants (200/170 epochs, milestones, batch 128,
@@ -169,11 +172,19 @@ def pycil(root: str, seed: int, epochs: int, threads: int, folder: str, torch_se
     cnn = re.findall(r"CNN top1 curve: \[([^\]]*)\]", text)
     if proc.returncode != 0 or not nme:
         raise SystemExit(f"PyCIL run failed (seed {seed}): {text.strip().splitlines()[-1:]}")
+    import torch
+
+    from trainer.device import machine
+
+    # this interpreter's torch on this CPU, `threads` threads; PyCIL's iCaRL loop has no autocast and no
+    # channels-last: float32 as written
+    environment = {**machine(torch.device("cpu")), "threads": threads, "precision": "float32", "autocast": None,
+                   "gradient_scaling": False, "channels_last": False, "processes": 1, "sync_bn": False}
 
     def curve(found: str) -> list[float]:  # numpy 2 prints np.float64(97.2)
         return [float(v) for v in re.sub(r"np\.float64\(([^)]*)\)", r"\1", found).split(",")]
 
-    return {"nme": curve(nme[-1]), "cnn": curve(cnn[-1]), "seconds": seconds}
+    return {"nme": curve(nme[-1]), "cnn": curve(cnn[-1]), "seconds": seconds, "environment": [environment]}
 
 
 def table(name: str, results: dict) -> str:
@@ -182,10 +193,9 @@ def table(name: str, results: dict) -> str:
         lines.append(f"| {seed} | {', '.join(f'{v:.1f}' for v in r['nme'])} | {', '.join(f'{v:.1f}' for v in r['cnn'])}"
                      f" | {r['nme'][-1]:.2f} | {r['seconds']:.0f} |")
     last = mean_std([r["nme"][-1] for r in results.values()])
-    n = len(results)
-    sample_std = last["std"] * (n / (n - 1)) ** 0.5 if n > 1 else None  # the seeds are a sample: n - 1
-    spread = f" +- {sample_std:.2f} (std over {n} seeds)" if n > 1 else ""
-    return "\n".join(lines + [f"mean last NME accuracy: {last['mean']:.2f}{spread}"])
+    spread = " (mean ± sample std over {n} seeds)".format(n=last["n"]) if last["std"] is not None else ""
+    return "\n".join(lines + [f"mean last NME accuracy: {format_mean_std(last)}{spread}",
+                              f"ran on: {common([e for r in results.values() for e in r['environment']])}"])
 
 
 def paired_difference(results: dict) -> str:
@@ -193,10 +203,8 @@ def paired_difference(results: dict) -> str:
     standard error of that mean difference."""
     seeds = [s for s in results["ours"] if s in results["pycil"]]
     diff = mean_std([results["ours"][s]["nme"][-1] - results["pycil"][s]["nme"][-1] for s in seeds])
-    n = len(seeds)
-    # sample std / sqrt(n), from the population std: std * sqrt(n / (n - 1)) / sqrt(n) = std / sqrt(n - 1)
-    se = f", standard error {diff['std'] / (n - 1) ** 0.5:.2f}" if n > 1 else ""
-    return f"last NME, ours - PyCIL: {diff['mean']:+.2f} over {n} seeds{se}"
+    se = f", standard error {diff['std'] / diff['n'] ** 0.5:.2f}" if diff["std"] is not None else ""  # sample std
+    return f"last NME, ours - PyCIL: {diff['mean']:+.2f} over {diff['n']} seeds{se}"
 
 
 def one_run(job: tuple) -> tuple:

@@ -15,6 +15,10 @@ benchmarks.pycil.reference_icarl) and prints how far ours lands from PyCIL's:
 - `--steps` steps of task 0 and of task 1 from PyCIL's weights on PyCIL's batches (float64, so that rounding
   does not grow: at lr 0.1 float32 differences of 1e-6 become 1e-1 within a few steps);
 - herding and class means after task 0, both from PyCIL's trained network: the same exemplars, in the same order?
+
+It first prints what ours ran on: the CPU model and the precision and fast paths of our engine (its inference
+computes the features of herding and class means, in bfloat16 autocast on a CPU with native bfloat16) in the
+float32 and the float64 part; PyCIL's side runs its own loops, float32 (float64 for the steps), no autocast.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import os
 import numpy as np
 import torch
 
+from benchmarks.environment import describe
 from benchmarks.pycil import reference_icarl
 from benchmarks.run import ROOT
 
@@ -112,25 +117,31 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     theirs = reference_icarl.run_in_pycil(args.pycil, PYCIL_SIDE, args.seed, args.epochs, steps=args.steps)
-    rows = compare(theirs, args)
+    rows, environments = compare(theirs, args)
     print(f"iCaRL, ours against PyCIL on the same inputs (seed {args.seed}, reference_icarl's budget)")
+    for part, env in environments.items():
+        print(f"ours, {part} part: {describe(env)}")
+    print("PyCIL: its own loops, float32 (float64 for the SGD steps), no autocast, 1 thread")
     print("| piece | result |\n|---|---|")
     for piece, result in rows.items():
         print(f"| {piece} | {result} |")
     return rows
 
 
-def compare(theirs: dict, args) -> dict:
+def compare(theirs: dict, args) -> tuple[dict, dict]:
+    """The rows of the comparison, and the environment (trainer.device.machine and Engine.fast_paths) of our
+    engine in each part, float32 and float64."""
     from methods import method_config
     from trainer.cli import parse_overrides
     from trainer.config_loader import load_config
+    from trainer.device import machine
     from trainer.engine.optim import build_optimizer
     from trainer.task_loop import SeedRun
     from utils.precision import default_dtype
 
     keys0 = [k for k in theirs["keys0"] if not k.startswith("convnet.fc.")]  # its backbone's unused classifier
     keys1 = [k for k in theirs["keys1"] if not k.startswith("convnet.fc.")]
-    rows = {}
+    rows, environments = {}, {}
 
     def fresh(precision: str):
         overrides = reference_icarl.BUDGET[2:] + ["--seed", str(args.seed), "--precision", precision]
@@ -141,6 +152,7 @@ def compare(theirs: dict, args) -> dict:
         data, method, engine = run.data, run.method, run.engine
         assert list(data.class_order) == theirs["order"], (data.class_order, theirs["order"])
         method.begin_task(data.tasks[0])
+        environments[precision] = {**machine(engine.device), **engine.fast_paths()}
         return data, method, engine
 
     def load(method, state, keys):
@@ -198,7 +210,7 @@ def compare(theirs: dict, args) -> dict:
         steps(method, engine, data, data.tasks[1], theirs["batches1"])
         rows[f"task 1, {args.steps} SGD steps of CE + KD (float64)"] = \
             f"weights {relative(method.network.state_dict(), theirs['steps1'], keys1):.1e} apart (relative)"
-    return rows
+    return rows, environments
 
 
 if __name__ == "__main__":

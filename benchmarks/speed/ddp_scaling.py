@@ -3,7 +3,8 @@
 
 Throughput = training images seen (the task's samples x epochs, summed over tasks) / the training time the
 run records per task (results.json `train_time_s`, which excludes evaluation, exemplar selection and start-up).
-Runs one after the other, so they do not compete for cores; reports the ratio to the 1-process run.
+Runs one after the other, so they do not compete for cores; reports the ratio to the 1-process run, and what
+the runs ran on (CPU or GPU model, precision, fast paths: the environment they recorded in results.json).
 
     python -m benchmarks.speed.ddp_scaling [--procs 1 2] [--method finetune_il] [--img_size 16] [--epochs 2]
                                            [--device cpu]   (--device 0 adds nothing but the GPU path of one process)
@@ -14,6 +15,7 @@ import argparse
 import os
 import tempfile
 
+from benchmarks.environment import common, of_runs
 from benchmarks.run import ROOT, run_config
 
 
@@ -26,7 +28,8 @@ def run(procs: int, args, root: str) -> dict:
     results, _ = run_config(argv, log_root=root, threads=args.threads, procs=procs)
     tasks = results["runs"][0]["tasks"]
     seconds = sum(t["train_time_s"] for t in tasks)
-    return {"procs": procs, "seconds": seconds, "last_acc": results["runs"][0]["last_acc"], "tasks": len(tasks)}
+    return {"procs": procs, "seconds": seconds, "last_acc": results["runs"][0]["last_acc"], "tasks": len(tasks),
+            "environment": of_runs(results)}
 
 
 def main(argv=None) -> None:
@@ -53,6 +56,8 @@ def main(argv=None) -> None:
     base = rows[0]["seconds"]
     print(f"{args.method} on digits, {args.img_size} px, {args.epochs} epochs per task, global batch "
           f"{args.batch_size}, {args.threads} thread(s) per process, device {args.device}")
+    # the rows differ in their number of processes (and so in synchronised BN, on only with several)
+    print(common([e for r in rows for e in r["environment"]], ignore=("threads", "processes", "sync_bn")))
     print("| processes | train s | images/s (new data) | ratio to 1 | last acc |")
     print("|---|---|---|---|---|")
     for r in rows:

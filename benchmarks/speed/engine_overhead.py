@@ -2,7 +2,9 @@
 
 Both train the same network (resnet32 + linear head) on the same in-memory data for the same number of steps
 with the same optimiser, in one process, alternating bare/engine for several rounds; the script prints the
-images/s of each and the median ratio engine / bare. It asserts nothing about absolute time.
+images/s of each and the median ratio engine / bare, after what they ran on: the machine and the engine's
+precision and fast paths (trainer.device.machine, Engine.fast_paths; the engine runs without autocast, like the
+bare loop, and with channels-last inputs and weights). It asserts nothing about absolute time.
 
     python -m benchmarks.speed.engine_overhead [--rounds 5] [--steps 40] [--batch_size 64] [--device cpu]
 """
@@ -19,8 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from backbone import build_backbone
 from backbone.incremental_net import IncrementalNet
+from benchmarks.environment import describe
 from methods.base import Method
-from trainer.device import resolve_device
+from trainer.device import machine, resolve_device
 from trainer.engine.engine import Engine
 from utils.types import OptimConfig, Stage, Task
 
@@ -84,6 +87,10 @@ def main(argv=None) -> float:
     ratios = [e / b for e, b in zip(speeds["engine"], speeds["bare"])]
     ratio = statistics.median(ratios)
     print(f"device {device}, {args.steps} steps x batch {args.batch_size}, {args.rounds} alternating rounds")
+    print(f"engine: {describe({**machine(device), **engine.fast_paths()})}")
+    dtype = str(dataset.tensors[0].dtype).removeprefix("torch.")
+    print(f"  bare: {dtype}, no autocast, contiguous inputs, the same network"
+          + (" (its convolution weights channels-last once the engine has run)" if engine.channels_last else ""))
     for name, values in speeds.items():
         print(f"{name:>6}: {statistics.median(values):8.1f} images/s (median; rounds: "
               f"{', '.join(f'{v:.0f}' for v in values)})")

@@ -7,9 +7,11 @@ The budget (issue 17's, the one users compare frameworks on): digits at 32 px, r
 "on" is the default configuration (channels-last, bfloat16 autocast where native, batched in-memory data);
 "off" sets `--channels_last false --amp false --batch_transforms false` (per-sample PIL transforms). Each round
 runs both in this process, alternating which goes first; `--before DIR` also times the same command in another
-checkout (e.g. the commit before the speed work) in a subprocess, for the ratio against it. Prints, per mode, the
-wall time, the training images/s (the same workload in every mode) and the last NME accuracy, then the ratios;
-writes the table to benchmarks/out/speed.md.
+checkout (e.g. the commit before the speed work) in a subprocess, for the ratio against it. Prints the CPU model,
+then, per mode, the wall time, the training images/s (the same workload in every mode) and the last NME accuracy,
+the ratios, and what each mode ran in (precision, autocast, channels-last: the environment its runs recorded in
+results.json, i.e. trainer.device.machine and Engine.fast_paths of the engine that trained them); writes the
+table to benchmarks/out/speed.md.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import tempfile
 import time
 
+from benchmarks.environment import MISSING, hardware, of_runs, precision
 from benchmarks.run import ROOT, run_config
 
 BUDGET = ["--config", "options/icarl/digits.yaml", "--backbone", "resnet32", "--img_size", "32", "--init_cls", "2",
@@ -46,11 +49,17 @@ def training_images(seed: int, epochs: int) -> int:
 
 
 def timed(argv: list[str], log_root: str, before: str | None, threads: int) -> tuple[float, dict]:
-    """Wall time and the seed's record of one run: here, in this process, or (`before`) in that checkout, in a
+    """Wall time and the results of one run: here, in this process, or (`before`) in that checkout, in a
     subprocess on `threads` threads."""
     start = time.perf_counter()
     results, _ = run_config(argv, log_root=log_root, root=before, threads=None if before is None else threads)
-    return time.perf_counter() - start, results["runs"][0]
+    return time.perf_counter() - start, results
+
+
+def mode_environment(envs: list[dict | None]) -> str:
+    """The precision and fast paths of one mode's runs (and torch's version), or each distinct one."""
+    known = {(precision(e), e.get("torch")) if e is not None else (MISSING, None) for e in envs}
+    return "; ".join(text + (f", torch {torch}" if torch else "") for text, torch in sorted(known, key=str))
 
 
 def main(argv=None) -> dict:
@@ -71,6 +80,7 @@ def main(argv=None) -> dict:
     times = {m: [] for m in modes}
     train_times = {m: [] for m in modes}
     accuracy = {m: [] for m in modes}
+    environments = {m: [] for m in modes}
     images = 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -80,8 +90,10 @@ def main(argv=None) -> dict:
                 for mode in order:
                     run_argv = [*BUDGET, "--seed", str(seed), "--epochs", str(args.epochs), "--init_epochs",
                                 str(args.epochs), *MODES.get(mode, [])]
-                    seconds, run = timed(run_argv, os.path.join(tmp, f"{mode}{r}_{seed}"),
-                                         args.before if mode == "before" else None, args.threads)
+                    seconds, results = timed(run_argv, os.path.join(tmp, f"{mode}{r}_{seed}"),
+                                             args.before if mode == "before" else None, args.threads)
+                    run = results["runs"][0]
+                    environments[mode] += of_runs(results)
                     times[mode].append(seconds)
                     train_times[mode].append(sum(t["train_time_s"] for t in run["tasks"]))
                     accuracy[mode].append(run.get("last_nme_acc", run["last_acc"]))
@@ -91,9 +103,13 @@ def main(argv=None) -> dict:
                     f"{mean_std(accuracy[mode])['mean']:.2f} |")
     ratios = {f"wall {m} / on": sum(times[m]) / sum(times["on"]) for m in modes if m != "on"}
     ratios.update({f"images/s on / {m}": sum(train_times[m]) / sum(train_times["on"]) for m in modes if m != "on"})
+    machine = "; ".join(sorted({hardware(e) for envs in environments.values() for e in envs if e is not None}))
     text = "\n".join([f"iCaRL budget, seeds {args.seeds}, {args.epochs} epochs per task, {args.threads} thread(s), "
-                      f"{args.rounds} round(s), CPU", "", "| mode | wall time (s) | training images/s | last NME acc |",
-                      "|---|---|---|---|", *rows, "", *(f"- {k}: {v:.2f}x" for k, v in ratios.items())])
+                      f"{args.rounds} round(s), {machine or MISSING}", "",
+                      "| mode | wall time (s) | training images/s | last NME acc |",
+                      "|---|---|---|---|", *rows, "", *(f"- {k}: {v:.2f}x" for k, v in ratios.items()), "",
+                      "What each mode ran in (recorded by its runs):",
+                      *(f"- {m}: {mode_environment(envs)}" for m, envs in environments.items())])
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

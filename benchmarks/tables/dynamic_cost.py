@@ -4,8 +4,10 @@ For resnet18 at 224 px (random weights: only the structure matters) and T = 1..m
 through the registry exactly as a run builds it, enters every task with `begin_task` (and DynaMMo merges its
 adapters, as after a task), and `method.predict`, the forward that evaluation runs, is measured:
 fvcore GMACs and the parameters it touches (trainer/flops.inference_cost, per image), and CPU inference images/s
-on a small batch at a few values of T. Writes dynamic_cost.csv and dynamic_cost.png to the output folder.
-Nothing is asserted about time.
+on a small batch at a few values of T. The forward is timed outside the engine, as built: no autocast, the
+weights' dtype and memory format as the registry leaves them; the script prints that with the CPU model
+(trainer.device.machine) and puts it on the plot. Writes dynamic_cost.csv and dynamic_cost.png to the output
+folder. Nothing is asserted about time.
 
     python -m benchmarks.tables.dynamic_cost [out_dir] [--max_tasks 10] [--time_tasks 1 5 10] [--batch 4]
                                              [--threads N]
@@ -17,10 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import textwrap
 import time
 
 import torch
 
+from benchmarks.environment import common
 from benchmarks.run import ROOT
 
 METHODS = ("acl", "dynammo", "dynamic_er")
@@ -62,12 +66,26 @@ def images_per_s(method, batch: int, repeats: int = 2) -> float:
     return batch / best
 
 
-def measure(max_tasks: int, time_tasks: set[int], batch: int) -> list[dict]:
+def timed_forward(method) -> dict:
+    """What `images_per_s` times, in the keys of results.json's environment: the CPU (trainer.device.machine) and
+    the precision and layout of the forward, read off the built method (it runs outside the engine: no autocast)."""
+    from trainer.device import machine
+
+    weights = [m.weight for m in method.modules() if isinstance(m, torch.nn.Conv2d)]
+    return {**machine(torch.device("cpu")), "precision": str(weights[0].dtype).removeprefix("torch."),
+            "autocast": None, "gradient_scaling": False, "processes": 1, "sync_bn": False,
+            "channels_last": any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                 for w in weights)}
+
+
+def measure(max_tasks: int, time_tasks: set[int], batch: int) -> tuple[list[dict], str]:
+    """The rows, and what the timed forwards ran on (benchmarks.environment.common of every method's)."""
     from trainer.flops import inference_cost
 
-    rows = []
+    rows, environments = [], []
     for name in METHODS:
         method = build(name, max_tasks)
+        environments.append(timed_forward(method))
         for t in range(1, max_tasks + 1):
             next_task(method)
             gmacs, params = inference_cost(method, IMG_SIZE, torch.device("cpu"))
@@ -77,10 +95,10 @@ def measure(max_tasks: int, time_tasks: set[int], batch: int) -> list[dict]:
             print(f"{name:<11} T={t:<2} {gmacs:7.3f} GMACs {params / 1e6:8.2f} M params"
                   + ("" if speed is None else f" {speed:7.2f} images/s (batch {batch})"), flush=True)
         del method
-    return rows
+    return rows, common(environments).removeprefix("every run: ")
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, environment: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,8 +111,8 @@ def plot(rows: list[dict], path: str) -> None:
         timed = [r for r in mine if r["images_per_s"] is not None]
         ax_speed.plot([r["tasks"] for r in timed], [r["images_per_s"] for r in timed], marker="o", label=name)
     ax_cost.set(xlabel="tasks T", ylabel="GMACs per image (fvcore)", title=f"resnet18, {IMG_SIZE} px")
-    ax_speed.set(xlabel="tasks T", ylabel="images / s (CPU)", title=f"CPU inference, {torch.get_num_threads()} "
-                                                                     "thread(s)")
+    ax_speed.set(xlabel="tasks T", ylabel="images / s (CPU)")
+    ax_speed.set_title("CPU inference\n" + "\n".join(textwrap.wrap(environment, 70)), fontsize=7)
     for ax in (ax_cost, ax_speed):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -114,13 +132,14 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = measure(args.max_tasks, set(args.time_tasks), args.batch)
+    rows, environment = measure(args.max_tasks, set(args.time_tasks), args.batch)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "dynamic_cost.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, os.path.join(args.out_dir, "dynamic_cost.png"))
+    plot(rows, os.path.join(args.out_dir, "dynamic_cost.png"), environment)
+    print(f"timed forwards: {environment}")
     print(f"wrote {args.out_dir}/dynamic_cost.csv and dynamic_cost.png")
     return rows
 

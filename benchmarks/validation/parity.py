@@ -7,13 +7,16 @@
 
 `run` trains each config through `main.py` in a subprocess with one thread (so the numbers do not depend on
 the machine's thread count) and writes, per config, the accuracy matrix, last and average incremental accuracy,
-and the GFLOPs and parameters after each task. `--root` runs another checkout (for example the commit before a
-restructuring) with the same driver. `compare` prints the configs whose numbers differ, and exits 1 if any do.
+and the GFLOPs and parameters after each task, with the environment the run recorded (CPU model, precision,
+fast paths; not compared), and prints it. `--root` runs another checkout (for example the commit before a
+restructuring) with the same driver. `compare` prints the configs whose numbers differ, and exits 1 if any do; it
+prints both files' environments, which must match for the numbers to (a run in bfloat16 autocast and one in
+float32 differ whatever the code).
 
 `golden` is the fast form the test suite runs on every commit (tests/test_golden.py): every registered method on
 two tiny digits tasks, one epoch per stage, in float64 (so that neither the thread count nor the CPU's vector
 width changes a prediction), compared with tests/golden.json; `--write` rewrites that file, for a change that is
-meant to change the numbers (say so in its commit).
+meant to change the numbers (say so in its commit). It prints the environment the runs recorded.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+from benchmarks.environment import common, of_runs
 from benchmarks.run import ROOT, RunFailed, run_config
 
 KEYS = ("acc_matrix", "last_acc", "avg_incremental_acc")
@@ -41,7 +45,8 @@ def run_one(root: str, config: str, log_root: str, extra: list[str]) -> dict:
         return {"error": str(err)}
     run = results["runs"][0]
     return {**{k: run[k] for k in KEYS}, "gflops": [t["gflops"] for t in run["tasks"]],
-            "params": [t["params"] for t in run["tasks"]], "train_time_s": sum(t["train_time_s"] for t in run["tasks"])}
+            "params": [t["params"] for t in run["tasks"]], "train_time_s": sum(t["train_time_s"] for t in run["tasks"]),
+            "environment": of_runs(results)}
 
 
 def run(root: str, out: str, jobs: int, only: list[str] | None, extra: list[str]) -> None:
@@ -55,6 +60,12 @@ def run(root: str, out: str, jobs: int, only: list[str] | None, extra: list[str]
         json.dump(results, f, indent=1)
     for name, r in results.items():
         print(f"{name:40s} " + (r["error"] if "error" in r else f"last {r['last_acc']:.2f} ({r['train_time_s']:.0f} s)"))
+    print(f"environment: {environment(results)}")
+
+
+def environment(results: dict) -> str:
+    """The environment the configs of a `run` file ran in, in a line (older files recorded none)."""
+    return common([e for r in results.values() if "error" not in r for e in r.get("environment", [None])])
 
 
 def compare(before: str, after: str) -> int:
@@ -71,6 +82,7 @@ def compare(before: str, after: str) -> int:
         detail = "" if same or x is None or y is None else f" last {x.get('last_acc')} -> {y.get('last_acc')}"
         print(f"{name:40s} {status}{detail}")
     print(f"{len(set(a) | set(b)) - differ} identical, {differ} different")
+    print(f"before: {environment(a)}\nafter: {environment(b)}")
     return 1 if differ else 0
 
 
@@ -90,10 +102,13 @@ def golden_argv(method: str) -> list[str]:
             *[a for k in stage_epochs for a in (f"--{k}", "1")]]
 
 
-def golden_record(method: str, log_root: str) -> dict:
-    """What the golden check compares: the accuracy matrix and the inference GFLOPs and parameters per task."""
+def golden_record(method: str, log_root: str, environments: list | None = None) -> dict:
+    """What the golden check compares: the accuracy matrix and the inference GFLOPs and parameters per task; the
+    environment the run recorded is appended to `environments` when given."""
     results, _ = run_config(golden_argv(method), log_root=log_root)
     run = results["runs"][0]
+    if environments is not None:
+        environments += of_runs(results)
     return {"acc_matrix": run["acc_matrix"], "gflops": [t["gflops"] for t in run["tasks"]],
             "params": [t["params"] for t in run["tasks"]]}
 
@@ -102,8 +117,10 @@ def golden(write: bool) -> int:
     """Measure every registered method; compare with tests/golden.json, or rewrite it."""
     from methods import METHODS
 
+    environments = []
     with tempfile.TemporaryDirectory() as logs:
-        measured = {m: golden_record(m, os.path.join(logs, m)) for m in METHODS.keys()}
+        measured = {m: golden_record(m, os.path.join(logs, m), environments) for m in METHODS.keys()}
+    print(f"environment: {common(environments)}")
     if write:
         with open(GOLDEN, "w") as f:
             json.dump(measured, f, indent=1, sort_keys=True)
