@@ -2,7 +2,11 @@
 
 - `CosineClassifier`: scores σ·ŷ_c with ŷ_c the cosine between the feature and class c's weight (Hou et al.,
   CVPR 2019). With `nb_proxy` K > 1 it is PODNet's local-similarity classifier (Douillard et al., ECCV 2020):
-  ŷ_c = Σ_k softmax_k(s_{c,k}) · s_{c,k} over the cosines s_{c,k} to the K proxies of class c. σ is learned
+  ŷ_c = Σ_k softmax_k(s_{c,k}) · s_{c,k} over the similarities s_{c,k} to the K proxies of class c. The
+  similarity is the plain cosine (`similarity="cosine"`, the paper's, and UCIR's) or, with
+  `similarity="distance"`, the negative squared Euclidean distance between the unit vectors, −‖f̂ − ŵ‖² =
+  2·cos − 2, in [−4, 0] (the PODNet authors' code): the same class order for one proxy, but with K > 1 a
+  softmax over the proxies at half the temperature, and scores twice as spread for the scale σ. σ is learned
   and positive: a negative σ flips every score (with PODNet's hinged NCA loss a raw σ crossed zero on a 2-class
   digits task and reached zero loss with wrong predictions). Unbounded, σ = exp(s); with `max_sigma` M,
   σ = M · sigmoid(s − log(M − 1)), which is 1 at s = 0, equals exp(s) to first order there and never exceeds M
@@ -26,12 +30,20 @@ from utils.precision import upcast
 from utils.registry import UserError, closest
 
 
+#: how a feature is compared with a proxy: cosine, or the negative squared distance of the unit vectors
+SIMILARITIES = ("cosine", "distance")
+
+
 class CosineClassifier(nn.Module):
-    def __init__(self, in_features: int, nb_proxy: int = 1, max_sigma: float | None = None):
+    def __init__(self, in_features: int, nb_proxy: int = 1, max_sigma: float | None = None,
+                 similarity: str = "cosine"):
         super().__init__()
         if max_sigma is not None and max_sigma <= 1:
             raise UserError(f"the bound of the learned scale must exceed its initial value 1, got {max_sigma}")
+        if similarity not in SIMILARITIES:
+            raise UserError(f"similarity must be one of {', '.join(SIMILARITIES)}, got '{similarity}'")
         self.in_features, self.nb_proxy, self.max_sigma = in_features, nb_proxy, max_sigma
+        self.similarity = similarity
         self.parts = nn.ParameterList()  # one (classes of the task x nb_proxy, in_features) weight per task
         self.log_sigma = nn.Parameter(torch.zeros(1))  # s: σ = exp(s), or M · sigmoid(s − log(M − 1)); 1 at start
 
@@ -60,10 +72,13 @@ class CosineClassifier(nn.Module):
         self.parts[-1].copy_(weight.reshape(self.parts[-1].shape))
 
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, classes) class similarities ŷ in [-1, 1] (plain cosines when nb_proxy is 1), in float32."""
+        """(B, classes) class similarities ŷ, in float32: in [-1, 1] with the cosine similarity (plain cosines
+        when nb_proxy is 1), in [-4, 0] with the distance one (2·cos − 2 = −‖f̂ − ŵ‖²)."""
         with torch.autocast(features.device.type, enabled=False):
             weight = F.normalize(upcast(torch.cat(list(self.parts))), dim=1)
             similarities = F.linear(F.normalize(upcast(features), dim=1), weight)
+        if self.similarity == "distance":
+            similarities = 2 * similarities - 2
         if self.nb_proxy == 1:
             return similarities
         similarities = similarities.view(len(features), -1, self.nb_proxy)
@@ -77,9 +92,9 @@ class CosineIncrementalNet(Network):
     """forward(x) -> {"features", "maps" (the hooked outputs, in execution order), "cosine", "logits" = σ·cosine}."""
 
     def __init__(self, backbone: nn.Module, nb_proxy: int = 1, layer_names: list[str] | tuple = (),
-                 max_sigma: float | None = None):
+                 max_sigma: float | None = None, similarity: str = "cosine"):
         super().__init__(backbone)
-        self.head = CosineClassifier(self.feature_dim, nb_proxy, max_sigma)
+        self.head = CosineClassifier(self.feature_dim, nb_proxy, max_sigma, similarity)
         names = [n for n, _ in backbone.named_modules() if n]
         for name in layer_names:
             if name not in names:

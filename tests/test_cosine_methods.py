@@ -2,7 +2,8 @@
 
 Known answers: UCIR's CE of the scaled cosines, less-forget and margin-ranking losses, and PODNet's NCA, POD-flat
 and POD-spatial losses recomputed from the papers' formulas on a fixed batch with a perturbed student and teacher
-(the cosine scores with their local-similarity proxies and bounded scale written out in _cosine_scores); the
+(the cosine scores with their local-similarity proxies and bounded scale written out in _cosine_scores), and
+with `proxy_similarity: distance` (the authors' −‖f̂ − ŵ‖² inside the proxies' softmax, in _distance_scores); the
 scale's bound; and the imprinted weights of new classes (UCIR: the normalised mean feature, PODNet: one proxy per
 feature cluster). The formulas are in tests/formulas.py, the builders of a method on the digits fixture in
 tests/method_builders.py; the teacher and NME tests that also mark UCIR and PODNet are in
@@ -307,3 +308,39 @@ def test_podnet_imprints_the_proxies_of_a_new_class_at_the_centres_of_its_featur
         means = torch.stack([unit(unit(features[cluster == k]).mean(0, keepdim=True))[0] for k in (2 * c, 2 * c + 1)])
         match = proxies[c] @ means.T  # each proxy is one cluster's normalised mean, each cluster has one proxy
         assert match.max(1).values.min() > 0.9999 and sorted(match.argmax(1).tolist()) == [0, 1]
+
+
+def _distance_scores(network, x):
+    """(σ-free class similarities ŷ, σ) of the authors' form: ŷ_c = Σ_k softmax_k(d_ck) d_ck over the negative
+    squared Euclidean distances d_ck = −‖f̂ − ŵ_ck‖² of the unit feature to class c's K unit proxies."""
+    f, head = network.backbone(x), network.head
+    proxies = unit(torch.cat(list(head.parts)))
+    d = -(unit(f)[:, None, :] - proxies[None, :, :]).pow(2).sum(2).view(len(x), -1, head.nb_proxy)
+    m = head.max_sigma
+    sigma = m / (1 + torch.exp(-(head.log_sigma - math.log(m - 1))))
+    return (torch.softmax(d, 2) * d).sum(2), sigma
+
+
+@known_answer("podnet")
+def test_podnet_distance_similarity_weighs_proxies_by_the_softmax_of_negative_squared_distances():
+    """proxy_similarity: distance (the authors' code) scores with −‖f̂ − ŵ‖² = 2 cos − 2 inside the local-similarity
+    classifier: the logits are σ ŷ of _distance_scores and the NCA loss is taken on them; UCIR keeps the cosine."""
+    method = build("podnet", "--nb_proxy", "3", "--proxy_similarity", "distance")
+    start(method, 0)
+    start(method, 1)
+    perturb(method.network, seed=3)
+    with torch.no_grad():
+        method.network.head.log_sigma.fill_(0.8)
+    x, y = samples(method, range(4))
+    method.train()
+    losses = method.training_step(x, y)
+    logits = method.network(x)["logits"]
+    y_hat, sigma = _distance_scores(method.network, x)
+    z = (sigma * y_hat).detach()
+    assert float(y_hat.max()) <= 0.0 and float(y_hat.min()) >= -4.0
+    torch.testing.assert_close(logits.double(), z, atol=1e-4, rtol=1e-5)
+    delta = method.cfg.nca_margin
+    nca = [max(0.0, float(logsumexp(torch.cat([z[i, :y[i]], z[i, y[i] + 1:]])) - (z[i, y[i]] - delta)))
+           for i in range(len(y))]
+    close(losses["nca"], sum(nca) / len(nca))
+    assert method.cfg.proxy_similarity == "distance" and build("ucir").network.head.similarity == "cosine"

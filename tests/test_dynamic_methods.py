@@ -404,6 +404,28 @@ def test_acl_stage_one_is_others_ce_of_the_new_tasks_head_on_its_own_adapters():
 
 
 @known_answer("acl")
+def test_acl_heads_per_batch_present_trains_only_the_heads_of_the_tasks_in_the_batch():
+    """heads_per_batch: present (the original's stage 2): (1 / T) Σ over the heads whose task has a sample in the
+    batch; an absent task's head gets no gradient. With `all` every head gets one."""
+    method = _adapter_method("acl", 3, "--heads_per_batch", "present")
+    x, y = samples(method, [0, 1, 4, 5])  # tasks 0 and 2, none of task 1
+    heads = method.network.heads
+    for head in heads:  # stage 2 trains every head
+        head.weight.requires_grad_(True)
+    method.train()
+    loss = method.heads_step(x, y)["heads_ce"]
+    features = method.network.forward_paths(x, [0, 1, 2])
+    others = [torch.where((y >= lo) & (y < lo + 2), y - lo, torch.full_like(y, 2)) for lo in (0, 2, 4)]
+    per_head = [ce(method.network.heads[i](features[i]), others[i], 0, 3) for i in range(3)]
+    close(loss, (per_head[0] + per_head[2]) / 3)
+    grads = torch.autograd.grad(loss, [heads[i].weight for i in range(3)], allow_unused=True)
+    assert grads[1] is None or not grads[1].any()
+    assert grads[0].abs().sum() > 0 and grads[2].abs().sum() > 0
+    method.cfg = method.cfg.replace(heads_per_batch="all")
+    close(method.heads_step(x, y)["heads_ce"], sum(per_head) / 3)
+
+
+@known_answer("acl")
 def test_acl_routes_each_sample_to_the_head_least_sure_it_is_another_tasks():
     method = _adapter_method("acl", 3)
     x, _ = samples(method, range(6), per_class=2)

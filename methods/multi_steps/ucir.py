@@ -57,7 +57,7 @@ class UCIR(Method):
     distills = True
 
     def build_network(self):
-        return self.cosine_network()
+        return CosineIncrementalNet(self.make_backbone(), self.cfg.nb_proxy)
 
     def stages(self, task, new_data, infer):
         stages = super().stages(task, new_data, infer)
@@ -100,5 +100,3 @@ class UCIR(Method):
     def classification(self, out, y):
         return {"ce": self.ce(out["logits"], y)}
 
-    def cosine_network(self, layer_names=(), max_sigma=None) -> CosineIncrementalNet:
-        return CosineIncrementalNet(self.make_backbone(), self.cfg.nb_proxy, layer_names, max_sigma)
