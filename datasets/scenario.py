@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from datasets import DATASETS
-from datasets.base import Pool, PoolView
+from datasets.base import NORMALIZATIONS, Pool, PoolView
 from utils.registry import UserError
 from utils.types import Task
 
@@ -51,6 +51,8 @@ class DataManager:
             if getattr(cfg, name) is not None and name not in accepted:
                 raise UserError(f"dataset '{cfg.dataset}' does not take {name}; remove it")
         self.spec = spec_cls(**{k: getattr(cfg, k) for k in accepted if getattr(cfg, k) is not None})
+        if cfg.normalize in NORMALIZATIONS:  # every path reads the spec's: per-sample, batched, a method's own
+            self.spec.mean, self.spec.std = NORMALIZATIONS[cfg.normalize]
         data = self.spec.load(data_root(cfg))
         self.img_size = cfg.img_size or self.spec.img_size
         n = self.spec.n_classes

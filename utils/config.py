@@ -116,6 +116,11 @@ class GlobalConfig:
     dataset: Optional[str] = key(help="registered dataset name (python main.py --list datasets)")
     data_root: Optional[str] = key(None, "folder holding the datasets (default: $DATA, else ./data)")
     img_size: Optional[int] = key(None, "final image size (default: the dataset's own)", range=POSITIVE)
+    normalize: str = key("dataset", "input normalisation: dataset (the dataset's own mean/std), imagenet "
+                                    "(mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225): torchvision's and most "
+                                    "timm weights) or inception ((x * 255 - 127) / 128: the TensorFlow convention "
+                                    "of the packaged efficientnet_lite0 weights); a pretrained backbone wants what "
+                                    "its weights were trained with", ("dataset", "imagenet", "inception"))
     shuffle: bool = key(False, "shuffle the class order (or the sub-dataset order)")
     class_order_seed: Optional[int] = key(None, "seed of the shuffled class order (default: the run's seed)",
                                           range=SEED_RANGE)
