@@ -15,7 +15,8 @@ of each row is printed beside it. The prompt methods run on a ViT, as their pape
     python -m benchmarks.tables.compare_methods [--seeds 1 2 3] [--methods icarl wa ...] [--reuse]
                                                 [--out docs/results.md] [--conditions TEXT] [--merging FILE]
 
-Without `--merging`, the DynaMMo section already in `--out` (benchmarks.tables.dynammo_merging's) is kept.
+Without `--merging`, the DynaMMo section already in `--out` (benchmarks.tables.dynammo_merging's) is kept, and so
+is always the pretrained-backbone section (benchmarks.tables.pretrained_cil's).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 
 from benchmarks.environment import common, of_runs
 from benchmarks.run import ROOT, RunFailed, finished_run, run_config
+from benchmarks.tables.pretrained_cil import TITLE as PRETRAINED_TITLE
 from trainer.metrics import format_mean_std
 
 # The common budget of the CNN table (digits, resnet32 / cosine_resnet32 from scratch).
@@ -192,15 +194,20 @@ def plot(done: list[dict], path: str, environment: str) -> None:
 MERGING_TITLE = "## DynaMMo's merge strategies against ACL"
 
 
+def kept(path: str, title: str) -> list[str]:
+    """The section `title` of the markdown file `path` as it stands (up to the next '## ' title), [] if none."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        _, found, after = f.read().partition(title)
+    return ["", title + after.split("\n## ", 1)[0].rstrip("\n")] if found else []
+
+
 def merging(args) -> list[str]:
     """The section of benchmarks.tables.dynammo_merging's table (as it wrote it), its PNG copied beside --out;
     without --merging, that section as it stands in --out (kept, not regenerated here)."""
     if not args.merging:
-        if not os.path.isfile(args.out):
-            return []
-        with open(args.out) as f:
-            text = f.read()
-        return ["", MERGING_TITLE + text.split(MERGING_TITLE, 1)[1].rstrip("\n")] if MERGING_TITLE in text else []
+        return kept(args.out, MERGING_TITLE)
     import shutil
 
     with open(args.merging) as f:
@@ -250,7 +257,8 @@ def main(argv=None) -> list[dict]:
              "Budget: " + BUDGET_TEXT["vit"].format(**VIT_BUDGET), "",
              *table([r for r in done if r["table"] == "vit"]), "",
              f"![last accuracy against inference GFLOPs]({os.path.basename(png)})", "",
-             "Commands (one row each):", "", *[f"- {r['label']}: `{r['cmd']}`" for r in done], *merging(args)]
+             "Commands (one row each):", "", *[f"- {r['label']}: `{r['cmd']}`" for r in done], *merging(args),
+             *kept(args.out, PRETRAINED_TITLE)]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
