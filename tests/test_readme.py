@@ -4,10 +4,10 @@ folder that sees the repository's options/ (so a command may read what an earlie
 path, such as a pretrained backbone).
 
 Tiny settings are appended to training runs for the keys a command does not set itself (1 epoch, 8 px, 2 tasks on
-digits, CPU, seed 1). Placeholders are filled in: `<method>`/`<dataset>` with finetune_il/digits, a path holding
+the bundled digits and mnist5k, CPU, seed 1). Placeholders are filled in: `<method>`/`<dataset>` with finetune_il/digits, a path holding
 `<run>` with the run folder of the previous run, `NAME`/`DIR` of datasets.check with digits and the data folder; a
 template's `[--key value ...]` is dropped and an optional `[--flag value]` kept. A command whose dataset is not on
-disk (only the bundled digits are, as $DATA points into the scratch folder) is skipped: its dataset's loader
+disk (only the bundled digits and mnist5k are, as $DATA points into the scratch folder) is skipped: its dataset's loader
 raises the "not found" error before anything else. The figures are not drawn (tests/test_checkpoint.py checks
 them); everything else a command does is."""
 import glob
@@ -31,6 +31,7 @@ from utils.registry import UserError
 README = os.path.join(ROOT, "README.md")
 TINY = {"--epochs": ["1"], "--init_epochs": ["1"], "--img_size": ["8"], "--device": ["cpu"], "--seed": ["1"]}
 DIGITS_TINY = {"--init_cls": ["5"], "--increment": ["5"]}
+BUNDLED = ("digits", "mnist5k")  # datasets an installed package ships: always on disk
 MODULES = ("trainer.summarize", "datasets.check")
 
 
@@ -76,7 +77,7 @@ def with_tiny(argv: list[str]) -> tuple[list[str], object]:
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     cfg = load_config(argv[argv.index("--config") + 1] if "--config" in argv else None,
                       parse_cli_overrides(_without_own(argv)), method_config)
-    extra = dict(TINY, **(DIGITS_TINY if cfg.dataset == "digits" else {}))
+    extra = dict(TINY, **(DIGITS_TINY if cfg.dataset in BUNDLED else {}))
     if "vit" in str(cfg.backbone):
         extra["--img_size"] = ["16"]
     return argv + [t for k, v in extra.items() if k not in given for t in (k, *v)], cfg

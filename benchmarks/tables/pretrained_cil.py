@@ -52,8 +52,8 @@ BACKBONE = "efficientnet_lite0"
 BUDGET = {"img_size": 84, "init_epochs": 3, "epochs": 3, "batch_size": 32, "memory_size": 200,
           "fixed_memory": False, "shuffle": True, "init_cls": 2, "increment": 2}
 BUDGET_TEXT = ("{dataset}, 5 tasks of 2 classes, the class order shuffled by each seed (the same order for every "
-               "row), images at {img_size} px normalised as the weights were trained ((x * 255 - 127) / 128), {epochs} epochs per task of "
-               "each method's main training (a method's extra stages, such as ACL's and DynaMMo's head stage or "
+               "row), images at {img_size} px normalised as the weights were trained ((x * 255 - 127) / 128), "
+               "{epochs} epochs per task of each method's main training (a method's extra stages, such as ACL's and DynaMMo's head stage or "
                "DER's balanced stage, are its own, from its yaml, and counted in its train time), batch "
                "{batch_size}, a replay memory of {memory_size} samples in all (herding; none for finetune without "
                "memory)")
