@@ -81,6 +81,7 @@ from backbone import BACKBONES
 from backbone.pretrained import load_into, read_state_dict
 from utils.registry import UserError
 
+
 @dataclasses.dataclass(frozen=True)
 class Packaged:
     """Weights shipped as a pip package: the timm architecture they fit, the package's import and pip names, the
@@ -162,16 +163,10 @@ def _packaged_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-_REFERENCES: dict[tuple[str, int], tuple[dict[str, str], dict[str, tuple[int, ...]]]] = {}
-
-
 def _reference(name: str, classes: int) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """(timm key -> packaged key, timm key -> shape) of the timm model of `name` with a `classes`-way classifier."""
-    if (name, classes) not in _REFERENCES:
-        model = _timm_model(name, classes)
-        _REFERENCES[name, classes] = (_packaged_names(model),
-                                      {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    return _REFERENCES[name, classes]
+    model = _timm_model(name, classes)
+    return _packaged_names(model), {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def to_timm(state: dict[str, torch.Tensor], name: str = "efficientnet_lite0",
