@@ -109,6 +109,33 @@ def bn_recalibration(module: nn.Module):
             m.momentum = momentum
 
 
+def probe_channels(backbone: nn.Module, layer_names: list[str], img_size: int) -> list[int]:
+    """Channels at the input of each module of `layer_names` (adapters' insertion points), checking names, execution
+    order and feature-map size (a one-line UserError otherwise)."""
+    modules = dict(backbone.named_modules())
+    for name in layer_names:
+        if name not in modules or not name:
+            raise UserError(f"layer_names: the backbone has no module '{name}'{closest(name, modules)}")
+    seen: list[tuple[str, torch.Size]] = []
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.append((n, a[0].shape)))
+             for n in layer_names]
+    try:
+        with torch.no_grad(), eval_mode(backbone):
+            backbone(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    if [n for n, _ in seen] != layer_names:
+        raise UserError(f"layer_names {layer_names} must name distinct modules, each called once, in the "
+                        f"order the backbone runs them (it ran {[n for n, _ in seen]})")
+    for name, shape in seen:
+        if len(shape) != 4 or min(shape[2:]) < 3:
+            raise UserError(f"layer_names: the input of '{name}' is {tuple(shape[1:])} at img_size {img_size}; "
+                            "adapters need a feature map of at least 3x3 px: choose earlier layers or a larger "
+                            "img_size")
+    return [shape[1] for _, shape in seen]
+
+
 class AdapterNet(Network):
     """A backbone with per-task adapters at `layer_names` and per-task heads Linear(D, n_t + 1), whose last
     output is "others" (a sample of another task). `forward(x)` and `features(x)` run the newest task's path
@@ -120,7 +147,7 @@ class AdapterNet(Network):
                  adapter_init: str = "previous"):
         super().__init__(backbone)
         self.layer_names, self.adapter_init = list(layer_names), adapter_init
-        channels = self._probe(img_size)
+        channels = probe_channels(backbone, self.layer_names, img_size)
         self.adapters = nn.ModuleList(nn.ModuleList() for _ in channels)  # [point][task]
         self.merged = None
         if merged:  # overwritten by the first merge: initialised without advancing the global RNG, so that ACL
@@ -133,30 +160,6 @@ class AdapterNet(Network):
         for point, name in enumerate(self.layer_names):
             backbone.get_submodule(name).register_forward_pre_hook(self._hook(point))
 
-    def _probe(self, img_size: int) -> list[int]:
-        """Channels at each insertion point, checking names, execution order and feature-map size."""
-        modules = dict(self.backbone.named_modules())
-        for name in self.layer_names:
-            if name not in modules or not name:
-                raise UserError(f"layer_names: the backbone has no module '{name}'{closest(name, modules)}")
-        seen: list[tuple[str, torch.Size]] = []
-        hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.append((n, a[0].shape)))
-                 for n in self.layer_names]
-        try:
-            with torch.no_grad(), eval_mode(self.backbone):
-                self.backbone(torch.zeros(1, 3, img_size, img_size))
-        finally:
-            for h in hooks:
-                h.remove()
-        if [n for n, _ in seen] != self.layer_names:
-            raise UserError(f"layer_names {self.layer_names} must name distinct modules, each called once, in the "
-                            f"order the backbone runs them (it ran {[n for n, _ in seen]})")
-        for name, shape in seen:
-            if len(shape) != 4 or min(shape[2:]) < 3:
-                raise UserError(f"layer_names: the input of '{name}' is {tuple(shape[1:])} at img_size {img_size}; "
-                                "adapters need a feature map of at least 3x3 px: choose earlier layers or a larger "
-                                "img_size")
-        return [shape[1] for _, shape in seen]
 
     @property
     def n_tasks(self) -> int:

@@ -6,6 +6,7 @@ import torch
 
 import backbone  # noqa: F401  (registers every network module)
 from backbone import BACKBONES, build_backbone
+from backbone.adapted import AdaptedNet, CosinePrototypes
 from backbone.adapters import AdapterNet
 from backbone.bias_layer import BiasCorrectedNet
 from backbone.cosine_linear import CosineIncrementalNet
@@ -22,6 +23,7 @@ NETWORKS = {
     CosineIncrementalNet: lambda b: CosineIncrementalNet(b, nb_proxy=2, layer_names=["stage_2"]),
     DERNet: DERNet,
     AdapterNet: lambda b: AdapterNet(b, ["stage_1", "stage_2"], SIZE, merged=True),
+    AdaptedNet: lambda b: AdaptedNet(b, CosinePrototypes, "both", ["stage_1", "stage_2"], SIZE),
     MoCoNet: lambda b: MoCoNet(b, out_dim=8, K=16),
     SimSiamNet: lambda b: SimSiamNet(b, out_dim=8, pred_dim=4, proj_layers=2),
 }
