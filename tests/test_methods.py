@@ -19,6 +19,10 @@ FIRST, OLD, NEW = 80.0, 50.0, 30.0
 # What keeps a method's run test short without changing what it tests: BiC's 100 full-batch bias epochs, and
 # GEM's one gradient per stored chunk of every past task at every step.
 FASTER = {"bic": ["--epochs_bias", "5"], "gem": ["--memory_per_class", "6"]}
+# LwF keeps no sample and no prompt: its loss alone protects the old classes, whose logits lose to the newest
+# classes' on old samples, so its floor for them is lower (chance after the second task: 10%). Measured (seed 1):
+# old 40.8, new 87.8.
+OLD_WITHOUT_MEMORY = {"lwf": 25.0}
 
 
 def _recording_builder(build, record):
@@ -96,7 +100,7 @@ def test_method_runs_two_tasks(method, run_main, monkeypatch):
         accs = [t["acc_per_task"] for t in run["tasks"]]
         assert accs[0][0] > FIRST, accs
         if not single:
-            assert accs[1][1] > NEW and accs[1][0] > OLD, accs
+            assert accs[1][1] > NEW and accs[1][0] > OLD_WITHOUT_MEMORY.get(method, OLD), accs
     assert run["acc_matrix"][0][0] is not None and math.isfinite(run["last_acc"])
     assert results["summary"]["last_acc"]["mean"] == pytest.approx(run["last_acc"])
     assert os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isfile(os.path.join(run_dir, "run.log"))

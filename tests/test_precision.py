@@ -49,6 +49,7 @@ M = torch.randn(2, 5, 32, generator=g)
     ("orthogonality_penalty", lambda: losses.orthogonality_penalty(M)),
     ("info_nce", lambda: losses.info_nce(Q, K, N, 0.2)),
     ("simsiam_loss", lambda: losses.simsiam_loss(Q, K, K.flip(0), Q.flip(0))),
+    ("weighted_squared_distance", lambda: losses.weighted_squared_distance(Z, Z.flip(0), Z.abs())),
 ])
 def test_every_loss_is_float32_under_autocast(name, fn):
     _same(*_both(fn))

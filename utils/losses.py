@@ -153,3 +153,9 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
         return -F.cosine_similarity(upcast(p), upcast(z).detach(), dim=1).mean()
 
     return 0.5 * d(p1, z2) + 0.5 * d(p2, z1)
+
+
+@full_precision
+def weighted_squared_distance(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """EWC's penalty of one parameter tensor: sum_i F_i (theta_i - theta*_i)^2, in at least float32."""
+    return (fisher * (theta - anchor).square()).sum()
