@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from backbone.adapters import Adapter, probe_channels
 from backbone.cosine_linear import CosineClassifier
 from backbone.network import Network
+from backbone.vit import resized
 from utils.precision import full_precision
 from utils.registry import UserError
 
@@ -46,23 +47,27 @@ def _grown(weight: torch.Tensor, rows: int) -> nn.Parameter:
     return nn.Parameter(torch.cat([weight.detach(), extra]), requires_grad=False)
 
 
-class CosinePrototypes(nn.Module):
+class _RowsPerClass(nn.Module):
+    """A head whose frozen `weight` holds one row per class; `expand` appends zero rows."""
+
+    def expand(self, n_classes: int) -> None:
+        if n_classes > len(self.weight):
+            self.weight = _grown(self.weight, n_classes)
+
+
+class CosinePrototypes(_RowsPerClass):
     """score_c = <f, p_c> / (|f| |p_c|) over one prototype p_c per class (float32 under any autocast)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(0, dim), requires_grad=False)
 
-    def expand(self, n_classes: int) -> None:
-        if n_classes > len(self.weight):
-            self.weight = _grown(self.weight, n_classes)
-
     @full_precision
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
 
 
-class RandomProjectionRidge(nn.Module):
+class RandomProjectionRidge(_RowsPerClass):
     """scores = h W_o^T with h = ReLU(f W_rand): a frozen random projection of the D features to M dimensions, then
     the ridge-regression weights W_o (float32 under any autocast)."""
 
@@ -70,10 +75,6 @@ class RandomProjectionRidge(nn.Module):
         super().__init__()
         self.projection = nn.Parameter(torch.randn(dim, M), requires_grad=False)
         self.weight = nn.Parameter(torch.zeros(0, M), requires_grad=False)
-
-    def expand(self, n_classes: int) -> None:
-        if n_classes > len(self.weight):
-            self.weight = _grown(self.weight, n_classes)
 
     @full_precision
     def hidden(self, features: torch.Tensor) -> torch.Tensor:
@@ -144,10 +145,7 @@ class AdaptedNet(Network):
         if not isinstance(vit, VisionTransformer) or not all(type(b) is Block for b in vit.blocks):
             raise UserError(f"layer_names: [blocks] puts parallel adapters in a timm VisionTransformer's blocks; "
                             f"backbone {type(vit).__name__} is not one (on a CNN, name the modules to adapt)")
-        patch = vit.patch_embed.patch_size[0]
-        if img_size % patch:
-            raise UserError(f"img_size ({img_size}) must be a multiple of the ViT's patch size ({patch})")
-        vit.set_input_size(img_size=img_size)
+        resized(vit, img_size)
         for i, block in enumerate(vit.blocks):
             self.adapters.append(ParallelAdapter(vit.embed_dim, bottleneck))
             vit.blocks[i] = AdaptedBlock(block, self.adapters[-1])

@@ -1,7 +1,7 @@
 """The network contract: what a Method may rely on in the network it holds, whatever its class.
 
 Every network class (`IncrementalNet`, `BiasCorrectedNet`, `CosineIncrementalNet`, `DERNet`, `AdapterNet`,
-`MoCoNet`, `SimSiamNet`) subclasses `Network` and so offers, in one form each:
+`AdaptedNet`, `MoCoNet`, `SimSiamNet`) subclasses `Network` and so offers, in one form each:
 
 - `forward(x)` -> a dict holding at least "features" (B, feature_dim), the penultimate features, and "logits"
   (B, C), the scores of its classifier (a network may add keys: "aux_logits", "maps", "cosine", ...);

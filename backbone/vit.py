@@ -27,6 +27,16 @@ from backbone.timm_models import is_timm_model, timm_backbone
 from utils.registry import UserError
 
 
+def resized(vit: nn.Module, img_size: int) -> nn.Module:
+    """A timm ViT made to take img_size x img_size images (its position embedding resampled); img_size must be a
+    multiple of its patch size."""
+    patch = vit.patch_embed.patch_size[0]
+    if img_size % patch:
+        raise UserError(f"img_size ({img_size}) must be a multiple of the ViT's patch size ({patch})")
+    vit.set_input_size(img_size=img_size)
+    return vit
+
+
 class PromptedViT(nn.Module):
     """A frozen timm ViT: `forward(x, prefixes)` -> (B, D) features, `query(x)` -> prompt-free features."""
 
@@ -39,11 +49,7 @@ class PromptedViT(nn.Module):
                 type(b) is Block and type(b.attn) is Attention for b in vit.blocks):
             raise UserError(f"prompt methods need a plain timm VisionTransformer (pre-norm blocks with qkv "
                             f"attention), got {type(vit).__name__}; use e.g. backbone: vit_base_patch16_224")
-        patch = vit.patch_embed.patch_size[0]
-        if img_size % patch:
-            raise UserError(f"img_size ({img_size}) must be a multiple of the ViT's patch size ({patch})")
-        vit.set_input_size(img_size=img_size)
-        self.vit = vit.requires_grad_(False)
+        self.vit = resized(vit, img_size).requires_grad_(False)
         self.feature_dim = self.embed_dim = vit.embed_dim
         self.depth = len(vit.blocks)
 

@@ -3,7 +3,7 @@
     python -m benchmarks.validation.parity run --out before.json [--root CHECKOUT] [--jobs 2] [--methods m ...]
                                                [--args "--amp false"]
     python -m benchmarks.validation.parity compare before.json after.json
-    python -m benchmarks.validation.parity golden [--write]
+    python -m benchmarks.validation.parity golden [--write] [--methods M ...]
 
 `run` trains each config through `main.py` in a subprocess with one thread (so the numbers do not depend on
 the machine's thread count) and writes, per config, the accuracy matrix, last and average incremental accuracy,
@@ -113,23 +113,25 @@ def golden_record(method: str, log_root: str, environments: list | None = None) 
             "params": [t["params"] for t in run["tasks"]]}
 
 
-def golden(write: bool) -> int:
-    """Measure every registered method; compare with tests/golden.json, or rewrite it."""
+def golden(write: bool, methods: list[str] | None = None) -> int:
+    """Measure every registered method (or `methods`); compare with tests/golden.json, or rewrite it (with
+    `methods`: only their entries)."""
     from methods import METHODS
 
     environments = []
     with tempfile.TemporaryDirectory() as logs:
-        measured = {m: golden_record(m, os.path.join(logs, m), environments) for m in METHODS.keys()}
+        measured = {m: golden_record(m, os.path.join(logs, m), environments) for m in methods or METHODS.keys()}
     print(f"environment: {common(environments)}")
+    with open(GOLDEN) as f:
+        stored = json.load(f)
     if write:
         with open(GOLDEN, "w") as f:
-            json.dump(measured, f, indent=1, sort_keys=True)
+            json.dump({**stored, **measured} if methods else measured, f, indent=1, sort_keys=True)
             f.write("\n")
         print(f"wrote {GOLDEN}")
         return 0
-    with open(GOLDEN) as f:
-        stored = json.load(f)
-    differ = [m for m in sorted(set(measured) | set(stored)) if measured.get(m) != stored.get(m)]
+    differ = [m for m in sorted(set(measured) | (set() if methods else set(stored)))
+              if measured.get(m) != stored.get(m)]
     print("\n".join(f"{m}: {stored.get(m)} -> {measured.get(m)}" for m in differ) or "every method as stored")
     return 1 if differ else 0
 
@@ -148,10 +150,11 @@ if __name__ == "__main__":
     c.add_argument("after")
     g = sub.add_parser("golden")
     g.add_argument("--write", action="store_true", help="rewrite tests/golden.json with the measured numbers")
+    g.add_argument("--methods", nargs="+", help="only these methods (with --write: only their entries change)")
     args = parser.parse_args()
     if args.command == "run":
         run(os.path.abspath(args.root), args.out, args.jobs, args.methods, args.args.split())
     elif args.command == "golden":
-        sys.exit(golden(args.write))
+        sys.exit(golden(args.write, args.methods))
     else:
         sys.exit(compare(args.before, args.after))
