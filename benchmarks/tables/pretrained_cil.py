@@ -56,16 +56,19 @@ BUDGET_TEXT = ("{dataset}, 5 tasks of 2 classes, the class order shuffled by eac
                "{epochs} epochs per task of each method's main training (a method's extra stages, such as ACL's and DynaMMo's head stage or "
                "DER's balanced stage, are its own, from its yaml, and counted in its train time), batch "
                "{batch_size}, a replay memory of {memory_size} samples in all (herding; none for finetune without "
-               "memory)")
+               "memory and the rehearsal-free rows: SimpleCIL, APER, RanPAC, LwF, EWC)")
 NO_MEMORY = ["--memory_size", "0", "--apply_nme", "false"]
 ONE_PASS = [("dynammo " + s + (" + finetune" if f else ""), ["--merge_strategy", s, "--finetune_merged", str(f).lower()])
             for s, f in (("mean", False), ("mean", True), ("ties", True), ("magmax", True))]
+REHEARSAL_FREE = {"simplecil": "simplecil", "aper (adapters)": "aper", "ranpac": "ranpac", "lwf": "lwf", "ewc": "ewc"}
 #: label -> (method, config suffix, overrides, the kind of backbone)
 ROWS = {
     "finetune, no memory": ("finetune_il", "_imagenet", NO_MEMORY, "imagenet"),
     "finetune + replay": ("finetune_il", "_imagenet", [], "imagenet"),
     "icarl": ("icarl", "_imagenet", [], "imagenet"),
     "dynamic_er": ("dynamic_er", "_imagenet", [], "imagenet"),
+    # the rehearsal-free rows: prototypes (SimpleCIL, APER), random projection and ridge (RanPAC), regularisation
+    **{label: (method, "_imagenet", NO_MEMORY, "imagenet") for label, method in REHEARSAL_FREE.items()},
     "acl": ("acl", "_imagenet", [], "imagenet"),
     **{label: ("dynammo", "_imagenet", extra, "imagenet") for label, extra in ONE_PASS},
     "acl, random weights": ("acl", "_imagenet", ["--pretrained", "false"], "random"),
@@ -81,8 +84,12 @@ def budget_argv(kind: str) -> list[str]:
     return [a for k, v in budget.items() for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
-def run_one(dataset: str, label: str, seed: str, log_root: str, reuse: bool) -> dict:
-    """One seed of one row: its run on one thread in a subprocess (or, with `reuse`, its finished run)."""
+NOT_RUN = "not run (--finished_only)"
+
+
+def run_one(dataset: str, label: str, seed: str, log_root: str, reuse: bool, finished_only: bool = False) -> dict:
+    """One seed of one row: its run on one thread in a subprocess (or, with `reuse`, its finished run; with
+    `finished_only`, nothing but a finished run)."""
     method, suffix, extra, kind = ROWS[label]
     config = os.path.join("options", method, f"{dataset}{suffix}.yaml")
     overrides = [*budget_argv(kind), *extra]
@@ -90,6 +97,9 @@ def run_one(dataset: str, label: str, seed: str, log_root: str, reuse: bool) -> 
     row = {"dataset": dataset, "row": label, "method": method, "kind": kind, "seed": int(seed),
            "command": " ".join(["python", "main.py", "--config", config, "--seed", "{seeds}", *overrides])}
     found = finished_run(log_root, note) if reuse else None
+    row["reused"] = found is not None
+    if found is None and finished_only:
+        return {**row, "error": NOT_RUN}
     if found is None:
         start = time.perf_counter()
         try:
@@ -163,6 +173,23 @@ def features(dataset: str, img_size: int) -> dict:
     return out
 
 
+def baseline_checks(table: list[dict], dataset: str) -> list[str]:
+    """RanPAC's last accuracy above SimpleCIL's; LwF's and EWC's between finetune without memory and with replay."""
+    last = {r["row"]: r["last_acc"]["mean"] for r in table
+            if r["dataset"] == dataset and r["last_acc"]["mean"] is not None}
+    out = []
+    if "ranpac" in last and "simplecil" in last:
+        out.append(f"- {dataset}: RanPAC {last['ranpac']:.2f} against SimpleCIL {last['simplecil']:.2f} "
+                   f"({'above' if last['ranpac'] > last['simplecil'] else 'NOT above'})")
+    low, high = last.get("finetune, no memory"), last.get("finetune + replay")
+    for label in ("lwf", "ewc"):
+        if label in last and low is not None and high is not None:
+            inside = low <= last[label] <= high
+            out.append(f"- {dataset}: {label.upper()} {last[label]:.2f}, finetune without memory {low:.2f}, with "
+                       f"replay {high:.2f} ({'between' if inside else 'NOT between'})")
+    return out
+
+
 def checks(table: list[dict], dataset: str) -> list[str]:
     """DynaMMo's claim on the ImageNet weights: the mean merge within 3 points of ACL's average incremental
     accuracy, the best one-pass variant at or above ACL - 1, at about 1/T of ACL's GFLOPs (T = 5)."""
@@ -188,14 +215,27 @@ def checks(table: list[dict], dataset: str) -> list[str]:
 TITLE = "## Methods on an ImageNet-pretrained CNN"
 
 
-def markdown(runs: list[dict], table: list[dict], quality: dict, seeds: list[str], jobs: int, moco: str | None
-             ) -> list[str]:
+def made(runs: list[dict], jobs: int) -> str:
+    """How the runs were made: here, `jobs` at a time, or reused from earlier invocations (whose load is theirs)."""
+    reused = sum(r.get("reused", False) for r in runs)
+    fresh = sum(not r.get("reused", False) and r.get("error") != NOT_RUN for r in runs)
+    parts = [f"{fresh} run{'' if fresh == 1 else 's'} made by this invocation, {jobs} at a time, one thread each"] \
+        if fresh else []
+    if reused:
+        parts.append(f"{reused} reused from earlier invocations of the same command (--reuse; one thread each, as "
+                     "many at a time as those invocations' --jobs)")
+    return "; ".join(parts)
+
+
+def markdown(runs: list[dict], table: list[dict], quality: dict, seeds: list[str], jobs: int, moco: str | None,
+             conditions: str | None = None) -> list[str]:
     environment = common([e for r in runs if "error" not in r for e in r["environment"]])
     trained = sum(r["train_time_s"] for r in runs if "error" not in r) / 60
     lines = [TITLE, "",
              f"Generated by `python -m benchmarks.tables.pretrained_cil {shlex.join(shown_args())}` "
-             f"({time.strftime('%Y-%m-%d')}, {jobs} run{'' if jobs == 1 else 's'} at a time, one thread each; "
-             f"{environment}; training {trained:.0f} min summed over runs"
+             f"({time.strftime('%Y-%m-%d')}; {made(runs, jobs)}; "
+             f"{environment}" + (f"; {conditions}" if conditions else "")
+             + f"; training {trained:.0f} min summed over runs"
              + (f"; {moco}" if moco else "") + f"). Mean ± sample std (n - 1) over {len(seeds)} seeds "
              f"({' '.join(seeds)}); accuracies in %; \"task id\": the share of test samples the routing methods "
              "send to their own task after the last task; GFLOPs (fvcore multiply-adds per image) and params are "
@@ -216,15 +256,20 @@ def markdown(runs: list[dict], table: list[dict], quality: dict, seeds: list[str
                   "params (M) | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in table if r["dataset"] == dataset):
             if r["last_acc"]["mean"] is None:
-                lines.append(f"| {r['row']} | {KINDS[r['kind']]} | failed: {'; '.join(r['errors'])} | | | | | | |")
+                why = NOT_RUN if set(r["errors"]) == {NOT_RUN} else f"failed: {'; '.join(r['errors'])}"
+                lines.append(f"| {r['row']} | {KINDS[r['kind']]} | {why} | | | | | | |")
                 continue
-            lines.append(f"| {r['row']} | {KINDS[r['kind']]} | " + " | ".join(format_mean_std(r[k]) for k in (
+            label = r["row"] if r["seeds"] == len(seeds) else f"{r['row']} (seeds: {r['seeds']} of {len(seeds)})"
+            lines.append(f"| {label} | {KINDS[r['kind']]} | " + " | ".join(format_mean_std(r[k]) for k in (
                 "last_acc", "avg_incremental_acc", "forgetting", "task_id_acc"))
                 + f" | {r['gflops']['mean']:.4f} | {r['params']['mean'] / 1e6:.3f} | "
                 f"{r['train_time_s']['mean']:.0f} |")
         lines += ["", "DynaMMo's claim (a mean merge within 3 points of ACL's average incremental accuracy, the best "
                   "one-pass variant at or above ACL - 1, at about 1/T of ACL's inference GFLOPs):", "",
-                  *(checks(table, dataset) or ["- (ACL or DynaMMo's mean merge did not run)"]), ""]
+                  *(checks(table, dataset) or ["- (ACL or DynaMMo's mean merge did not run)"]), "",
+                  "The rehearsal-free baselines (RanPAC above SimpleCIL; LwF and EWC between finetune without and "
+                  "with replay, by last accuracy):", "", *(baseline_checks(table, dataset) or ["- (did not run)"]),
+                  ""]
     lines += ["![last accuracy against inference GFLOPs](pretrained_cil.png)", "", "Commands (one per row, every "
               "seed run on its own):", ""]
     for r in {(r["dataset"], r["row"]): r for r in runs}.values():
@@ -233,7 +278,7 @@ def markdown(runs: list[dict], table: list[dict], quality: dict, seeds: list[str
 
 
 def write_csv(path: str, runs: list[dict]) -> None:
-    fields = ["dataset", "row", "method", "kind", "seed", *METRICS, "command", "error"]
+    fields = ["dataset", "row", "method", "kind", "seed", *METRICS, "reused", "command", "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -289,7 +334,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each on one CPU thread)")
     parser.add_argument("--rows", nargs="+", help=f"only these rows, of: {', '.join(ROWS)}")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs found in the output folder")
+    parser.add_argument("--finished_only", action="store_true", help="start no run: the table of the finished runs "
+                                                                      "found in the output folder, the others said "
+                                                                      "to be not run")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"), help="output folder")
+    parser.add_argument("--conditions", help="what else ran on the machine meanwhile (slowing the wall times), said "
+                                             "in the header")
     parser.add_argument("--docs", help="also put the section into this markdown file (docs/results.md)")
     args = parser.parse_args(argv)
     unknown = [r for r in args.rows or [] if r not in ROWS]
@@ -303,11 +353,12 @@ def main(argv=None) -> list[dict]:
             if ROWS[label][3] != "moco" or d == "digits"]
     moco = ensure_pretrained("ssl") if any(ROWS[t[1]][3] == "moco" for t in todo) else None
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda t: run_one(*t, os.path.join(out, "logs"), args.reuse), todo))
+        runs = list(pool.map(lambda t: run_one(*t, os.path.join(out, "logs"), args.reuse or args.finished_only,
+                                               args.finished_only), todo))
     quality = {d: features(d, BUDGET["img_size"]) for d in args.datasets}
     write_csv(os.path.join(out, "pretrained_cil.csv"), runs)
     table = summarise(runs)
-    lines = markdown(runs, table, quality, args.seeds, args.jobs, moco)
+    lines = markdown(runs, table, quality, args.seeds, args.jobs, moco, args.conditions)
     with open(os.path.join(out, "pretrained_cil.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     png = os.path.join(out, "pretrained_cil.png")
