@@ -128,6 +128,10 @@ class AdaptedNet(Network):
         self.head = head(self.feature_dim)  # over the features of `use`
         self.adapters = nn.ModuleList()
         self._adapting, self._blocks = False, []  # the ViT's AdaptedBlocks
+        from timm.models.vision_transformer import VisionTransformer
+
+        if isinstance(backbone, VisionTransformer):  # a timm ViT takes the run's image size
+            resized(backbone, img_size)
         layer_names = list(layer_names)
         if layer_names == ["blocks"]:
             self._add_vit_adapters(img_size, bottleneck)
@@ -145,7 +149,6 @@ class AdaptedNet(Network):
         if not isinstance(vit, VisionTransformer) or not all(type(b) is Block for b in vit.blocks):
             raise UserError(f"layer_names: [blocks] puts parallel adapters in a timm VisionTransformer's blocks; "
                             f"backbone {type(vit).__name__} is not one (on a CNN, name the modules to adapt)")
-        resized(vit, img_size)
         for i, block in enumerate(vit.blocks):
             self.adapters.append(ParallelAdapter(vit.embed_dim, bottleneck))
             vit.blocks[i] = AdaptedBlock(block, self.adapters[-1])

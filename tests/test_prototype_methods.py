@@ -170,6 +170,21 @@ def test_adaptformer_block_adds_the_scaled_bottleneck_of_the_post_attention_stre
         assert net.features(x).shape == (2, 2 * 192)
 
 
+@pytest.mark.parametrize("use, layer_names", [("pretrained", []), ("adapted", ["blocks"])])
+def test_a_timm_vit_takes_the_run_image_size_with_or_without_adapters(use, layer_names):
+    """SimpleCIL's and RanPAC's network on a timm ViT at 16 px (one patch): the ViT is resized for the run, whether
+    or not adapters go into its blocks."""
+    from backbone import build_backbone
+    from backbone.adapted import AdaptedNet, RandomProjectionRidge
+
+    net = AdaptedNet(build_backbone("vit_tiny_patch16_224"), lambda width: RandomProjectionRidge(width, 50), use,
+                     layer_names, img_size=16).eval()
+    net.expand_head(3)
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 16, 16))["logits"].shape == (2, 3)
+    assert len(net.adapters) == (12 if layer_names else 0)
+
+
 # ============================================================ RanPAC ==============================================
 @known_answer("ranpac")
 def test_ranpac_accumulates_gram_and_class_sums_and_solves_the_ridge_chosen_on_held_out_samples():

@@ -40,7 +40,7 @@ class SimpleCIL(Method):
             raise UserError(f"{cfg.method} classifies among every seen class (incre_type: cil)")
 
     def build_network(self):
-        return AdaptedNet(self.make_backbone(), self.make_head, self.use)
+        return AdaptedNet(self.make_backbone(), self.make_head, self.use, img_size=self.data.img_size)
 
     def make_head(self, width: int):
         """The closed-form classifier over features of `width` dimensions."""
