@@ -127,6 +127,16 @@ def test_declared_ranges_are_checked_where_the_value_comes_from(tmp_path):
     assert load(tmp_path, BASE, opt_mom=0.0, seed=[0, 4294967295]).seed == [0, 4294967295]  # both ends are valid
 
 
+@pytest.mark.parametrize("key,value,problem", [("note", "..", "not a folder name"), ("note", "/abs", "path separator"),
+                                               ("seed", [1993, 1993], "given twice"), ("seed", [], "at least one")])
+def test_cross_checks_name_where_the_value_was_given(key, value, problem, tmp_path):
+    """The checks beyond a key's range name the command line for a value given there, the file for its own."""
+    with pytest.raises(UserError, match=f"^command line: .*{problem}"):
+        load(tmp_path, BASE, **{key: value})
+    with pytest.raises(UserError, match=f"c.yaml \\(basic\\): .*{problem}"):
+        load(tmp_path, {**BASE, "basic": {**BASE["basic"], key: value}})
+
+
 def test_range_notation():
     r = Range.parse("[0, 1)")
     assert 0 in r and 0.5 in r and 1 not in r and -1e-9 not in r and float("nan") not in r

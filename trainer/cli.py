@@ -1,7 +1,9 @@
 """main.py's command line, parsed in one place: main.py's own options (--config, --checkpoint_dir, --list,
---log_root, --debug, --help), and `--key value ...` for any config key, each value read as YAML (false, 1e-3,
+--log_root, --debug, --strict, --help), and `--key value ...` for any config key, each value read as YAML (false, 1e-3,
 [30, 60]; `--milestones 30 60` gives a list). Each own option may be given once and takes exactly its values; a
-bare word that follows no key is a stray argument. Every problem is a `UserError` of one line."""
+bare word that follows no key is a stray argument. Every problem is a `UserError` of one line. An argument is at
+most `MAX_VALUE_CHARS` characters, and a value is read as YAML within the bounds a config file is
+(`config_loader.load_yaml`: no alias bomb, no deep nesting)."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from trainer.config_loader import type_name
+from trainer.config_loader import MAX_VALUE_CHARS, load_yaml, type_name
 from utils.config import GlobalConfig, declared_fields
-from utils.registry import UserError
+from utils.registry import UserError, shorten
 
 DESCRIPTION = """Train a continual-learning method task by task: python main.py --config options/<method>/<dataset>.yaml
 
@@ -21,7 +23,8 @@ Any config key can be overridden as --key value (lists: --milestones 30 60); --s
 python main.py --list methods|datasets|backbones prints the registered names; --help lists every key.
 """
 #: main.py's own options and how many values each takes.
-OWN = {"--config": 1, "--checkpoint_dir": 1, "--list": 1, "--log_root": 1, "--debug": 0, "--help": 0, "-h": 0}
+OWN = {"--config": 1, "--checkpoint_dir": 1, "--list": 1, "--log_root": 1, "--debug": 0, "--strict": 0, "--help": 0,
+       "-h": 0}
 LISTS = ("methods", "datasets", "backbones")
 
 
@@ -32,6 +35,7 @@ class CommandLine:
     list: str | None = None
     log_root: str = "logs"
     debug: bool = False
+    strict: bool = False  # a re-test that does not reproduce results.json is an error, not a warning
     help: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # config key -> value
 
@@ -39,6 +43,11 @@ class CommandLine:
 def parse(argv: list[str]) -> CommandLine:
     """Split argv into main.py's own options and the config keys' values."""
     args, rest, seen = CommandLine(), [], set()
+    for before, token in zip([None, *argv], argv):
+        if len(token) > MAX_VALUE_CHARS:  # nothing longer is a key, a value or a path (PATH_MAX)
+            what = f"the value of {shorten(before, 40)}" if before and before.startswith("--") else "an argument"
+            raise UserError(f"command line: {what} ({shorten(token, 40)}) is longer than the "
+                            f"{MAX_VALUE_CHARS:,} characters a value may have")
     i, after_key = 0, False
     while i < len(argv):
         token = argv[i]
@@ -51,7 +60,7 @@ def parse(argv: list[str]) -> CommandLine:
             dest = canonical[2:]
             if OWN[name] == 0:
                 if eq:
-                    raise UserError(f"{canonical} takes no value, got '{token}'")
+                    raise UserError(f"{canonical} takes no value, got {shorten(token)}")
                 setattr(args, dest, True)
                 i, after_key = i + 1, False
                 continue
@@ -66,17 +75,19 @@ def parse(argv: list[str]) -> CommandLine:
             setattr(args, dest, value)
             after_key = False
             if i < len(argv) and not argv[i].startswith("--"):
-                raise UserError(f"unexpected argument '{argv[i]}' after {canonical} {value} (it takes one value); "
+                raise UserError(f"unexpected argument {shorten(argv[i])} after {canonical} {shorten(value)} (it "
+                                "takes one value); "
                                 "keys are given as --key value")
             continue
         if token.startswith("--") and len(token) > 2:
             after_key = True
         elif not after_key:
-            raise UserError(f"unexpected argument '{token}' on the command line; keys are given as --key value")
+            raise UserError(f"unexpected argument {shorten(token)} on the command line; keys are given as "
+                            "--key value")
         rest.append(token)
         i += 1
     if args.list is not None and args.list not in LISTS:
-        raise UserError(f"--list takes one of {', '.join(LISTS)}, got '{args.list}'")
+        raise UserError(f"--list takes one of {', '.join(LISTS)}, got {shorten(args.list)}")
     args.overrides = parse_overrides(rest)
     return args
 
@@ -92,14 +103,15 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             if inline:
                 overrides[name].append(inline)
         elif name is None:
-            raise UserError(f"unexpected argument '{token}' on the command line; keys are given as --key value")
+            raise UserError(f"unexpected argument {shorten(token)} on the command line; keys are given as "
+                            "--key value")
         else:
             overrides[name].append(token)
     parsed = {}
     for name, values in overrides.items():
         if not values:
             raise UserError(f"command line: --{name} needs a value")
-        items = [_yaml_scalar(v) for v in values]
+        items = [_yaml_scalar(v, name) for v in values]
         parsed[name] = items[0] if len(items) == 1 else items
     return parsed
 
@@ -112,11 +124,11 @@ def _is_number(token: str) -> bool:
         return False
 
 
-def _yaml_scalar(text: str) -> Any:
+def _yaml_scalar(text: str, name: str) -> Any:
     if not text.strip() or any(ord(c) < 32 for c in text):
         return text  # kept as typed: YAML would read an empty value as null and fold a newline into a space
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, f"command line: --{name}")
     except yaml.YAMLError:
         return text
 
@@ -131,6 +143,9 @@ def help_text(method_configs: dict[str, Any]) -> str:
     parser.add_argument("--list", choices=LISTS, help="print registered names")
     parser.add_argument("--log_root", default="logs", help="where run folders are created (default: logs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--strict", action="store_true", help="with --checkpoint_dir of a finished run: a re-test "
+                                                              "that finds other weights or other numbers than "
+                                                              "results.json is an error, not a warning")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
 
     def table(cls):

@@ -20,7 +20,7 @@ from trainer.config_loader import load_config
 from trainer.engine.optim import optimizer_state_problem
 from trainer.seed import set_rng_state
 from utils.config import RUNTIME_KEYS
-from utils.registry import InvalidState, UserError
+from utils.registry import InvalidState, UserError, shorten
 
 
 def saved_config(run_dir: str, config_path: str | None, cli: dict, method_keys):
@@ -37,7 +37,8 @@ def saved_config(run_dir: str, config_path: str | None, cli: dict, method_keys):
                         "printed when it started")
     changed = sorted(set(cli) - set(RUNTIME_KEYS))
     if changed:
-        raise UserError(f"--{changed[0]} cannot change when resuming or re-testing a run (only "
+        key = changed[0] if len(changed[0]) <= 40 else shorten(changed[0], 40)
+        raise UserError(f"--{key} cannot change when resuming or re-testing a run (only "
                         f"{', '.join(RUNTIME_KEYS)} can); start a new run instead")
     cfg = load_config(saved_path, cli, method_keys)
     if config_path:
@@ -45,7 +46,8 @@ def saved_config(run_dir: str, config_path: str | None, cli: dict, method_keys):
         diff = [k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and given.get(k) != v]
         if diff:
             raise UserError(f"--checkpoint_dir '{run_dir}' holds a run of another config: '{diff[0]}' is "
-                            f"{cfg.to_dict()[diff[0]]!r} there and {given.get(diff[0])!r} in {config_path}")
+                            f"{shorten(cfg.to_dict()[diff[0]])} there and {shorten(given.get(diff[0]))} in "
+                            f"{config_path}")
     return cfg
 
 

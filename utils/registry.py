@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any, Callable, Iterator
 
 
 class UserError(Exception):
     """An error caused by the user's input: main.py prints it as one line and exits non-zero."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what a cluster scheduler sends to end a job: the run ends as on Ctrl-C (the files being written
+    are left whole, the last checkpoint is kept), so the job can be resumed with --checkpoint_dir."""
 
 
 class InvalidState(UserError):
@@ -15,9 +21,34 @@ class InvalidState(UserError):
 
 
 def closest(name: str, choices) -> str:
-    """A ' (did you mean X?)' suffix for the closest of `choices`, or '' when nothing is close."""
-    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    """A ' (did you mean X?)' suffix for the closest of `choices`, or '' when nothing is close (nor for a name
+    longer than any name: comparing a 5 MB value with each choice would take seconds)."""
+    name = name if isinstance(name, str) else shorten(name)
+    if len(name) > 200:
+        return ""
+    match = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """`value` quoted for a one-line error message: its repr (a newline in it cannot break the line), cut after
+    `limit` characters with an ellipsis and its full length said, e.g. 'aaaa'… (5,000,000 characters). Only what
+    is shown is formatted, so a huge or deeply nested value costs no more than a short one."""
+    if isinstance(value, (str, bytes, bytearray)):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}… ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})"
+    bounded = reprlib.Repr()  # a few items per container and a few levels ('...' for the rest)
+    bounded.maxlevel, bounded.maxstring, bounded.maxlong, bounded.maxother = 3, limit, limit, limit
+    try:
+        text = bounded.repr(value)
+    except ValueError:  # an int too long to print in decimal
+        text = f"<an integer of {value.bit_length():,} bits>"
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > bounded.maxlist:
+        text += f" ({len(value):,} items)"
+    return text
 
 
 class Registry:
@@ -41,7 +72,7 @@ class Registry:
     def get(self, name: str) -> Any:
         if name not in self._entries:
             raise UserError(
-                f"unknown {self.kind} '{name}'{closest(name, self._entries)}; "
+                f"unknown {self.kind} {shorten(name)}{closest(name, self._entries)}; "
                 f"valid {self.kind}s: {', '.join(sorted(self._entries))}"
             )
         return self._entries[name]
