@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: efficientnet_lite0 weights were trained with (backbone/efficientnet.py)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((127 / 255,) * 3, (128 / 255,) * 3)}
 RESIZED_BUDGET = 1 << 30  # bytes: the largest uint8 copy of a pool resized once for the batched path
+#: modes of more than 8 bits per pixel that `to_rgb` rescales to 8 bits (value / 257: 65535 -> 255): unsigned 16-bit
+#: greyscale (16-bit PNG and TIFF) and PIL's 32-bit integer greyscale, which its readers fill on the 16-bit scale
+#: (16-bit PGM/PPM, scaled to 0..65535). Medical images are often 16-bit: rescaling keeps their relative intensities,
+#: where PIL's own conversion clips every value above 255 to white. 32-bit float images (F) have no range to
+#: rescale from and are refused, as are I images with values outside 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass
@@ -98,15 +105,12 @@ class Pool:
                 self._resized = None
 
     def image(self, i: int) -> Image.Image:
-        """Sample i as an RGB (file datasets) or native-mode (in-memory) PIL image, before any transform."""
+        """Sample i as an RGB (file datasets, `read_image`) or native-mode (in-memory) PIL image, before any
+        transform."""
         if not self.use_path:
             return Image.fromarray(self.items[i])
-        try:
-            with Image.open(self.items[i]) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image '{self.items[i]}' ({type(err).__name__}); replace or remove it "
-                            "(python -m datasets.check <dataset> lists every unreadable file)") from None
+        with bomb_warnings_raise():  # one process reads a pool's files: the main one or a DataLoader worker
+            return read_image(str(self.items[i]))[0]
 
     def load(self, i: int, augment: bool, seed: int | None) -> torch.Tensor:
         """One sample through the per-sample transforms; `seed` fixes its augmentation."""
@@ -141,6 +145,81 @@ class Pool:
                           .to(torch.uint8) for i in range(0, n, 1024)]
                 self._resized = torch.cat(chunks)
         return self._resized
+
+
+class ImageProblem(Exception):
+    """Why an image file cannot be used, naming the file (what `python -m datasets.check` lists); `read_image`
+    makes it a UserError that also says what to do (a plain UserError: one a DataLoader worker re-raises in the
+    main process is rebuilt from its type and message)."""
+
+
+def shown(path) -> str:
+    """`path` quoted for a one-line message: as it is when printable, else escaped (a newline or a terminal escape
+    in a hostile file name must not break or rewrite the line)."""
+    text = str(path)
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
+def read_image(path: str) -> tuple[Image.Image, str]:
+    """`decode_image(path)`, or a one-line UserError naming the file and what to do with it."""
+    try:
+        return decode_image(path)
+    except ImageProblem as problem:
+        raise UserError(f"{problem}; replace or remove it (python -m datasets.check <dataset> lists every such "
+                        "file)") from None
+
+
+def decode_image(path: str) -> tuple[Image.Image, str]:
+    """The image file at `path` as an 8-bit RGB PIL image, and the mode it was stored in; `ImageProblem` when it
+    cannot be used.
+
+    The pixel count is checked from the header, before anything is decoded, against PIL's decompression-bomb limit
+    `Image.MAX_IMAGE_PIXELS` as the user left it (None: no limit): a few hundred KB of PNG can declare 20000 x 20000
+    pixels. PIL itself raises DecompressionBombError above twice the limit and only warns between once and twice
+    it; that warning is raised instead of printed inside `bomb_warnings_raise`, and refused like the rest. Whatever
+    else PIL raises on a file it cannot decode is refused as unreadable. Pixels of more than 8 bits: `to_rgb`."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as img:
+            if limit is not None and img.width * img.height > limit:
+                raise ImageProblem(f"image {shown(path)} is {img.width} x {img.height} pixels, more than PIL's "
+                                   f"decompression-bomb limit of {limit} (Image.MAX_IMAGE_PIXELS)")
+            img.load()
+            return to_rgb(img, path), img.mode
+    except ImageProblem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageProblem(f"image {shown(path)} has more pixels than PIL's decompression-bomb limit of {limit} "
+                           "(Image.MAX_IMAGE_PIXELS)") from None
+    except Exception as err:  # noqa: BLE001 - whatever PIL raises while decoding, the file cannot be used
+        raise ImageProblem(f"cannot read image {shown(path)} ({type(err).__name__})") from None
+
+
+def to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """The loaded image `img` (read from `path`) as 8-bit RGB. Modes of 8 bits per channel (1, L, P, LA, PA, RGB,
+    RGBA, CMYK, YCbCr, ...) convert as PIL converts them (a palette through its colours, alpha dropped; 16-bit RGB
+    and LA files are already 8-bit here: PIL keeps their high bytes). SIXTEEN_BIT_MODES are rescaled by value / 257,
+    rounded; an I image outside 0..65535 and a float (F) image are refused: no scale is known for them."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img)  # uint16 of either byte order, or int32 for I
+        if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageProblem(f"image {shown(path)} holds 32-bit integer pixels (mode I) in [{values.min()}, "
+                               f"{values.max()}], outside the 16-bit range 0..65535 that can be rescaled")
+        return Image.fromarray(((values.astype(np.uint32) + 128) // 257).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        raise ImageProblem(f"image {shown(path)} holds 32-bit float pixels (mode F), whose range is unknown (save "
+                           "it as 8- or 16-bit)")
+    return img.convert("RGB")
+
+
+@contextlib.contextmanager
+def bomb_warnings_raise():
+    """Inside the block PIL's DecompressionBombWarning (an image above Image.MAX_IMAGE_PIXELS but below twice it)
+    is raised, for `read_image` to refuse, instead of printed; the warning filters are restored afterwards. The
+    filters belong to the process, not the thread: enter it once around threads that read images."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 @contextlib.contextmanager

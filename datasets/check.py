@@ -1,9 +1,11 @@
 """Validate a dataset folder before training: python -m datasets.check NAME [--data_root DIR]
 
-Loads the dataset as a run would (so a missing or malformed folder gives the same one-line message), then
-reports the class counts per split and every file that is missing or cannot be decoded (image files, and the
-pickled CIFAR batches, which are read without running code from them).
-Exit status 0 when nothing is wrong, 1 otherwise. This module registers nothing.
+Loads the dataset as a run would (so a missing or malformed folder, or a listed or symlinked file outside the data
+root, gives the same one-line message), then reports the class counts per split and every image file a run would
+refuse, read by the run's own reader (datasets.base.decode_image): missing, undecodable, above PIL's
+decompression-bomb limit, or of pixels with no known 8-bit scale (float, 32-bit integer beyond 16 bits); the pickled
+CIFAR batches are read without running code from them. Images of 16-bit pixels, which a run rescales to 8 bits,
+are listed as a note. Exit status 0 when nothing is wrong, 1 otherwise. This module registers nothing.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from datasets import DATASETS
+from datasets.base import SIXTEEN_BIT_MODES, ImageProblem, bomb_warnings_raise, decode_image
 from utils.registry import UserError
 
 
@@ -27,20 +29,22 @@ class Report:
     class_names: list[str] = field(default_factory=list)
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # split -> images per class
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a run accepts but the user should know
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def unreadable(path: str) -> str | None:
-    """Why the image at `path` cannot be decoded, or None when it can."""
+def examine(path: str) -> tuple[str | None, str | None]:
+    """(why a run would refuse the image at `path`, or None; its stored mode when a run rescales it, or None)."""
+    if not os.path.isfile(path):
+        return f"{path}: missing", None
     try:
-        with Image.open(path) as img:
-            img.convert("RGB")
-        return None
-    except Exception as err:  # noqa: BLE001 - whatever PIL raises, the file cannot be used
-        return f"{path}: {err}" if os.path.isfile(path) else f"{path}: missing"
+        _, mode = decode_image(path)
+    except ImageProblem as problem:
+        return str(problem), None
+    return None, mode if mode in SIXTEEN_BIT_MODES else None
 
 
 def check(name: str, root: str, decode: bool = True, workers: int = 4, **dataset_keys) -> Report:
@@ -68,11 +72,16 @@ def check(name: str, root: str, decode: bool = True, workers: int = 4, **dataset
                                    f"'{report.class_names[empty[0]]}' (label {empty[0]})")
     if spec.use_path and decode:
         files = [str(p) for p in np.concatenate([data.train_x, data.test_x])]
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            bad = [why for why in pool.map(unreadable, files, chunksize=64) if why]
+        with bomb_warnings_raise(), ThreadPoolExecutor(max(1, workers)) as pool:  # the filter, once for all threads
+            found = list(pool.map(examine, files, chunksize=64))
+        bad = [why for why, _ in found if why]
         if bad:  # every one of them, so that a single pass finds them all
-            report.problems.append(f"{len(bad)} of {len(files)} image files cannot be read:"
+            report.problems.append(f"{len(bad)} of {len(files)} image files cannot be used:"
                                    + "".join(f"\n  {why}" for why in bad))
+        wide = [(path, mode) for path, (_, mode) in zip(files, found) if mode]
+        if wide:
+            report.notes.append(f"{len(wide)} image files hold pixels of more than 8 bits, which a run rescales to "
+                                "8 bits (value / 257):" + "".join(f"\n  {path} (mode {mode})" for path, mode in wide))
     return report
 
 
@@ -86,6 +95,7 @@ def describe(report: Report) -> str:
         lines.append(f"  {'label':>5}  {'class':<{width}}  {'train':>7}  {'test':>7}")
         lines += [f"  {i:>5}  {str(c):<{width}}  {train[i]:>7}  {test[i]:>7}" for i, c in enumerate(report.class_names)]
     lines += [f"problem: {p}" for p in report.problems] or ["no problems found"]
+    lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
 

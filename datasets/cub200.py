@@ -12,7 +12,7 @@ import os
 from torchvision import transforms as T
 
 from datasets import DATASETS
-from datasets._common import DiskDataset, splits
+from datasets._common import DiskDataset, integer, splits
 
 
 @DATASETS.register("cub200")
@@ -30,16 +30,16 @@ class CUB200(DiskDataset):
         is_train = self.id_table(os.path.join(base, "train_test_split.txt"))
         if not set(paths) == set(classes) == set(is_train):
             raise self.fail("images.txt, image_class_labels.txt and train_test_split.txt list different image ids")
-        if not all(c.isdigit() for c in classes.values()) or set(is_train.values()) - {"0", "1"}:
+        if any(integer(c) is None for c in classes.values()) or set(is_train.values()) - {"0", "1"}:
             raise self.fail("image_class_labels.txt needs integer classes, train_test_split.txt 0 or 1")
-        labels = {i: int(c) - 1 for i, c in classes.items()}
+        labels = {i: integer(c) - 1 for i, c in classes.items()}
         self.check_labels(list(labels.values()), self.n_classes, "image_class_labels.txt (classes 1-200)")
         parts = {"1": ([], []), "0": ([], [])}
         for i in sorted(paths, key=int):
             part = parts[is_train[i]]
             part[0].append(os.path.join(base, "images", paths[i]))
             part[1].append(labels[i])
-        self.check_exist(parts["1"][0] + parts["0"][0], "images.txt")
+        self.check_exist(parts["1"][0] + parts["0"][0], os.path.join(base, "images.txt"), root)
         for split, key in (("train", "1"), ("test", "0")):
             self.check_classes(parts[key][1], self.n_classes, split)
         names_file = os.path.join(base, "classes.txt")
@@ -48,17 +48,15 @@ class CUB200(DiskDataset):
         return splits(parts["1"], parts["0"], names)
 
     def id_table(self, path: str) -> dict[str, str]:
-        """`<id> <value>` lines as {id: value}."""
-        self.need(path)
+        """`<id> <value>` lines as {id: value} (ids: non-negative integers in ASCII digits)."""
         table = {}
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                fields = line.split(maxsplit=1)
-                if not fields:
-                    continue
-                if len(fields) != 2 or not fields[0].isdigit():
-                    raise self.fail(f"{path} line {number} is not '<id> <value>'")
-                table[fields[0]] = fields[1].strip()
+        for number, line in self.text_lines(path):
+            fields = line.split(maxsplit=1)
+            if not fields:
+                continue
+            if len(fields) != 2 or not (fields[0].isascii() and fields[0].isdigit()):
+                raise self.fail(f"{path} line {number} is not '<id> <value>'")
+            table[fields[0]] = fields[1].strip()
         return table
 
     def train_augment(self):

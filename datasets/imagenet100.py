@@ -29,8 +29,8 @@ class ImageNet100(DiskDataset):
 
     def load(self, root):
         base = os.path.join(root, self.folder)
-        train = self.read_list(os.path.join(base, "train.txt"), base, self.n_classes)
-        test = self.read_list(os.path.join(base, "val.txt"), base, self.n_classes)
+        train = self.read_list(os.path.join(base, "train.txt"), base, self.n_classes, root)
+        test = self.read_list(os.path.join(base, "val.txt"), base, self.n_classes, root)
         self.check_classes(train[1], self.n_classes, "train")
         return splits(train, test, folder_names(*train, self.n_classes))
 

@@ -22,7 +22,7 @@ class ImageNet1000(DiskDataset):
     layout = "ilsvrc2012/{train,val}/<wnid>/<images>"
 
     def load(self, root):
-        return splits(*self.folder_split(os.path.join(root, self.folder), "train", "val", self.n_classes))
+        return splits(*self.folder_split(os.path.join(root, self.folder), root, "train", "val", self.n_classes))
 
     def train_augment(self):
         return [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ColorJitter(brightness=63 / 255)]

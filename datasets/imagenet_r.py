@@ -14,7 +14,7 @@ import os
 from torchvision import transforms as T
 
 from datasets import DATASETS
-from datasets._common import IMAGENET_R_NORM, DiskDataset, held_out, image_files, splits, stable_order
+from datasets._common import IMAGENET_R_NORM, DiskDataset, held_out, splits, stable_order
 
 
 @DATASETS.register("imagenet_r")
@@ -28,12 +28,12 @@ class ImageNetR(DiskDataset):
 
     def load(self, root):
         if os.path.isdir(os.path.join(root, "imagenet_r")):
-            return splits(*self.folder_split(os.path.join(root, "imagenet_r"), expected=self.n_classes))
+            return splits(*self.folder_split(os.path.join(root, "imagenet_r"), root, expected=self.n_classes))
         base = os.path.join(root, "imagenet-r")
         wnids = self.class_folders(base, self.n_classes)
         train, test = ([], []), ([], [])
         for label, wnid in enumerate(wnids):
-            files = image_files(os.path.join(base, wnid))
+            files = self.image_files(os.path.join(base, wnid), root)
             if len(files) < 2:
                 raise self.fail(f"class folder '{os.path.join(base, wnid)}' needs at least 2 images to split")
             ordered = stable_order([os.path.relpath(f, base) for f in files])

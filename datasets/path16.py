@@ -32,7 +32,7 @@ class Path16(DiskDataset):
     def load(self, root):
         train, test, names = ([], []), ([], []), []
         for sub, n in SUBSETS.items():
-            sub_train, sub_test, classes = self.folder_split(os.path.join(root, self.folder, sub), expected=n,
+            sub_train, sub_test, classes = self.folder_split(os.path.join(root, self.folder, sub), root, expected=n,
                                                              first_label=len(names))
             for part, new in ((train, sub_train), (test, sub_test)):
                 part[0].extend(new[0])

@@ -20,4 +20,4 @@ class Skin23(SkinDataset):
     layout = "skin23/{train,test}/<class>/<images>"
 
     def load(self, root):
-        return splits(*self.folder_split(os.path.join(root, self.folder), expected=self.n_classes))
+        return splits(*self.folder_split(os.path.join(root, self.folder), root, expected=self.n_classes))

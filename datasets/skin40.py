@@ -21,7 +21,7 @@ class Skin40(SkinDataset):
     def load(self, root):
         base = os.path.join(root, self.folder)
         images = self.need(os.path.join(base, "images"), "folder")
-        train, test = (self.read_list(os.path.join(base, "main_classes_split", f), images, self.n_classes)
+        train, test = (self.read_list(os.path.join(base, "main_classes_split", f), images, self.n_classes, root)
                        for f in ("train_1.txt", "val_1.txt"))
         self.check_classes(train[1], self.n_classes, "train")
         return splits(train, test, folder_names(*train, self.n_classes))

@@ -11,7 +11,7 @@ shipped no config for it).
 import os
 
 from datasets import DATASETS
-from datasets._common import IMAGE_EXTENSIONS, SkinDataset, splits
+from datasets._common import IMAGE_EXTENSIONS, SkinDataset, integer, splits
 
 
 @DATASETS.register("skin7")
@@ -26,22 +26,22 @@ class Skin7(SkinDataset):
     def load(self, root):
         base = os.path.join(root, self.folder)
         images = self.need(os.path.join(base, "ISIC2018_Task3_Training_Input"), "folder")
-        parts = [self.read_split(os.path.join(base, "split_data", f"split_data_1_fold_{split}.csv"), images)
+        parts = [self.read_split(os.path.join(base, "split_data", f"split_data_1_fold_{split}.csv"), images, root)
                  for split in ("train", "test")]
         self.check_classes(parts[0][1], self.n_classes, "train")
         return splits(*parts, self.class_names)
 
-    def read_split(self, path: str, images: str) -> tuple[list[str], list[int]]:
+    def read_split(self, path: str, images: str, root: str) -> tuple[list[str], list[int]]:
         rows = self.read_csv(path)
-        if rows and not rows[0][-1].strip().isdigit():
+        if rows and integer(rows[0][-1]) is None:
             rows = rows[1:]  # header
-        if any(len(row) < 2 or not row[-1].strip().isdigit() for row in rows):
+        if any(len(row) < 2 or integer(row[-1]) is None for row in rows):
             raise self.fail(f"{path}: every row must be '<image>,<label>'")
         paths = []
         for row in rows:
             name = os.path.basename(row[0].strip())
             paths.append(os.path.join(images, name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"))
-        labels = [int(row[-1]) for row in rows]
+        labels = [integer(row[-1]) for row in rows]
         self.check_labels(labels, self.n_classes, path)
-        self.check_exist(paths, path)
+        self.check_exist(paths, path, root)
         return paths, labels

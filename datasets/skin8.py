@@ -48,13 +48,13 @@ class Skin8(SkinDataset):
         if None in lists and lists != (None, None):
             raise self.fail("give both train_list and test_list, or neither")
         if lists != (None, None):
-            train, test = (self.read_list(path, base, self.n_classes) for path in lists)
+            train, test = (self.read_list(path, base, self.n_classes, root) for path in lists)
         else:
-            train, test = self.ground_truth_split(base)
+            train, test = self.ground_truth_split(base, root)
         self.check_classes(train[1], self.n_classes, "train")
         return splits(train, test, self.class_names)
 
-    def ground_truth_split(self, base: str):
+    def ground_truth_split(self, base: str, root: str):
         path = os.path.join(base, "ISIC_2019_Training_GroundTruth.csv")
         rows = self.read_csv(path)
         header = rows[0] if rows else []
@@ -77,5 +77,5 @@ class Skin8(SkinDataset):
                 part = test if i < n_held else train
                 part[0].append(os.path.join(base, "ISIC_2019_Training_Input", image + ".jpg"))
                 part[1].append(label)
-        self.check_exist(train[0] + test[0], path)
+        self.check_exist(train[0] + test[0], path, root)
         return train, test

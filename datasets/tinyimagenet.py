@@ -26,20 +26,20 @@ class TinyImageNet(DiskDataset):
     def load(self, root):
         base = os.path.join(root, self.folder)
         wnids = self.class_folders(os.path.join(base, "train"), self.n_classes)
-        train = self.scan(os.path.join(base, "train"), wnids)
+        train = self.scan(os.path.join(base, "train"), wnids, root)
         label_of = {w: i for i, w in enumerate(wnids)}
-        annotations = self.need(os.path.join(base, "val", "val_annotations.txt"))
-        test_paths, test_labels = [], []
-        with open(annotations) as f:
-            for number, line in enumerate(f, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) < 2 or fields[1] not in label_of:
-                    raise self.fail(f"{annotations} line {number}: expected '<file> <wnid> ...' with a train wnid")
-                test_paths.append(os.path.join(base, "val", "images", fields[0]))
-                test_labels.append(label_of[fields[1]])
-        self.check_exist(test_paths, annotations)
+        annotations = os.path.join(base, "val", "val_annotations.txt")
+        test_paths, test_labels, lines = [], [], []
+        for number, line in self.text_lines(annotations):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 2 or fields[1] not in label_of:
+                raise self.fail(f"{annotations} line {number}: expected '<file> <wnid> ...' with a train wnid")
+            test_paths.append(os.path.join(base, "val", "images", fields[0]))
+            test_labels.append(label_of[fields[1]])
+            lines.append(number)
+        self.check_exist(test_paths, annotations, root, lines)
         self.check_classes(test_labels, self.n_classes, "val")
         return splits(train, (test_paths, test_labels), wnids)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import struct
+import zlib
 from functools import partial
 
 import numpy as np
@@ -27,6 +29,22 @@ def image(path: str, label: int, index: int = 0, size: int = 8) -> str:
     rng = np.random.default_rng(label * 1000 + index)
     pixels = (rng.integers(0, 60, (size, size, 3)) + (label * 37 % 190)).astype(np.uint8)
     Image.fromarray(pixels).save(path)
+    return path
+
+
+def bomb_png(path: str, width: int, height: int) -> str:
+    """A valid one-colour (black) 1-bit PNG of width x height pixels, compressed row by row without ever holding
+    the image: about 50 KB on disk for 20000 x 20000 pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    deflate = zlib.compressobj(9)
+    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
     return path
 
 
@@ -219,6 +237,21 @@ def skin8(root):
     with open(os.path.join(base, "ISIC_2019_Training_GroundTruth.csv"), "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return 16, 8
+
+
+def skin8_lists(root) -> tuple[str, str]:
+    """Skin8 in the list-file format: `ISIC2019/Data/<CLS>/*.jpg`, two train and one test image per class, and the
+    list files `root/skin8_{train,test}.txt` of `Data/<CLS>/<file> <label>` lines; returns their paths."""
+    lines = {"train": [], "test": []}
+    for label, cls in enumerate(SKIN8_COUNTS):
+        for i, split in enumerate(("train", "train", "test")):
+            rel = f"Data/{cls}/ISIC_{label}{i:06d}.jpg"
+            image(os.path.join(root, "ISIC2019", rel), label, i)
+            lines[split].append(f"{rel} {label}")
+    paths = tuple(os.path.join(root, f"skin8_{split}.txt") for split in ("train", "test"))
+    for path, entries in zip(paths, lines.values()):
+        write_lines(path, entries)
+    return paths
 
 
 def skin23(root):
