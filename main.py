@@ -5,9 +5,12 @@ python main.py --list methods|datasets|backbones prints the registered names; --
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
-from utils.registry import UserError
+from utils.registry import Terminated, UserError
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> str | None:
     device = launch.start(cfg.device)
     with default_dtype(cfg.precision):
         if args.checkpoint_dir and is_finished(args.checkpoint_dir, cfg):
-            return retest(cfg, device, args.checkpoint_dir)
+            return retest(cfg, device, args.checkpoint_dir, strict=args.strict)
         return run(cfg, device, args.log_root, run_dir=args.checkpoint_dir)
 
 
@@ -54,26 +57,51 @@ def _one_line(err: BaseException) -> str:
     return lines[-1].split("UserError: ", 1)[-1]
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """main() with user errors as one line on stderr and exit status 2 (tracebacks only with --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
+def _terminate(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises `Terminated` while the block runs (in the main thread only: Python runs signal handlers
+    there and nowhere else); the previous handler is put back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        main(argv)
-        return 0
-    except UserError as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the disk, not the code: a full disk, a read-only folder, a vanished file
-        if "--debug" in argv:
-            raise
-        where = f" ('{err.filename}')" if getattr(err, "filename", None) else ""
-        print(f"error: {err.strerror or _one_line(err)}{where}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with user errors as one line on stderr and exit status 2 (tracebacks only with --debug); Ctrl-C and
+    SIGTERM (a scheduler ending the job; under torchrun every rank gets it) end the run with one line, its last
+    checkpoint kept, and exit status 130 resp. 143 (128 + the signal's number)."""
+    argv = sys.argv[1:] if argv is None else argv
+    with _sigterm_interrupts():
+        try:
+            main(argv)
+            return 0
+        except UserError as err:
+            if "--debug" in argv:
+                raise
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:  # the disk, not the code: a full disk, a read-only folder, a vanished file
+            if "--debug" in argv:
+                raise
+            where = f" ('{err.filename}')" if getattr(err, "filename", None) else ""
+            print(f"error: {err.strerror or _one_line(err)}{where}", file=sys.stderr)
+            return 2
+        except Terminated:
+            print("terminated (SIGTERM): the run keeps its last checkpoint; continue it with python main.py "
+                  "--checkpoint_dir <its run folder>", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

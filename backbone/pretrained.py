@@ -38,6 +38,10 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not isinstance(state, dict) or not state:
         raise UserError(f"'{path}' holds no state_dict of tensors")
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if broken is not None:  # trained weights are finite: a NaN would surface later as a diverged run
+        raise UserError(f"pretrain_path '{path}' holds NaN or infinite values in '{broken[:80]}'; these are no "
+                        "trained weights: replace the file")
     cleaned = {}
     for key, value in state.items():
         for prefix in _PREFIXES:

@@ -585,6 +585,7 @@ BAD_VALUES = {  # the values, and what the one line must name
     "--lrate -1": "'lrate'", "--lrate 0": "'lrate'", "--lrate nan": "'lrate'", "--weight_decay -1": "'weight_decay'",
     "--opt_mom -1": "'opt_mom'", "--seed -1": "'seed'", "--seed 4294967296": "'seed'", "--seed 1 1": "seed 1",
     "--class_order_seed -1": "'class_order_seed'", "--img_size -3": "'img_size'", "--img_size 0": "'img_size'",
+    "--img_size 1": "'img_size'", "--img_size 3": "'img_size'",
     "--epochs 0": "'epochs'", "--init_epochs 0": "'init_epochs'", "--replay_batch_size 0": "'replay_batch_size'",
     "--lrate_decay -0.1": "'lrate_decay'", "--milestones 5 -1": "'milestones'",
     "--init_milestones 0": "'init_milestones'", "--fixed_memory true --memory_per_class 0": "'memory_per_class'",

@@ -108,8 +108,8 @@ class ResultsHook(Hook):
 
     def after_task(self, run, entry: dict) -> None:
         if run.predictions is not None and distributed.is_main():
-            np.savez(os.path.join(self.results.run_dir, f"pred_record_seed{run.seed}_task{entry['task']}.npz"),
-                     **run.predictions)
+            path = os.path.join(self.results.run_dir, f"pred_record_seed{run.seed}_task{entry['task']}.npz")
+            checkpoint.atomic_write(path, lambda f: np.savez(f, **run.predictions), "prediction record")
         self.results.write(current=run.record)
 
     def after_run(self, run) -> None:

@@ -4,12 +4,13 @@ torch.distributed.run (what torchrun runs)."""
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
 from trainer.device import device_ids, resolve_device
 from utils import distributed
-from utils.registry import UserError
+from utils.registry import Terminated, UserError
 
 
 def several_gpus(spec: str) -> bool:
@@ -27,6 +28,7 @@ def start(spec: str) -> torch.device:
 def launch(spec: str, script: str, argv: list[str]) -> None:
     """Run `script argv` as one process per listed GPU on this machine; each process trains on its GPU and rank 0
     writes the results."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun
 
@@ -38,6 +40,8 @@ def launch(spec: str, script: str, argv: list[str]) -> None:
                                              os.path.abspath(script), *argv])
     try:
         torchrun(launcher)
+    except SignalException as err:  # the launcher stopped its processes on a signal: end as main.cli does
+        raise (Terminated() if err.sigval == signal.SIGTERM else KeyboardInterrupt()) from None
     except ChildFailedError as err:
         raise UserError(f"a process of the {len(ids)}-GPU run failed "
                         f"({next(iter(err.failures.values())).message or 'see its output above'})") from None

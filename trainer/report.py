@@ -7,18 +7,23 @@ import warnings
 
 import numpy as np
 
+from trainer.checkpoint import atomic_write
+
 COLUMNS = ("seed", "task", "classes_seen", "acc", "nme_acc", "old_acc", "new_acc", "task_id_acc", "gflops", "params",
            "train_time_s")
 
 
 def write_csv(results: dict, path: str) -> None:
-    with open(path, "w", newline="") as f:
+    """Written atomically (trainer/checkpoint.py's `atomic_write`): never through a link planted in the run folder."""
+    def write(f):
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for run in results["runs"]:
             for t in run["tasks"]:
                 row = {**t, "seed": run["seed"], "classes_seen": t["classes"][1]}
                 writer.writerow([_cell(row.get(c)) for c in COLUMNS])
+
+    atomic_write(path, write, "results table", binary=False)
 
 
 def _cell(value):
@@ -92,6 +97,6 @@ def _save(fig, run_dir: str, name: str) -> str:
 
     path = os.path.join(run_dir, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), "plot")
     plt.close(fig)
     return path

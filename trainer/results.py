@@ -6,6 +6,7 @@ written when the run ends."""
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import logging
 import os
@@ -65,17 +66,15 @@ def run_folder(cfg, root: str = "logs") -> str:
 class RunLock:
     """An exclusive lock on a run folder (`<run folder>/.lock`, fcntl.flock): a second process on the same folder
     gets a one-line error. The OS drops the lock when the process ends, however it ends, so a stale lock file of
-    a killed run never blocks a resume."""
+    a killed run never blocks a resume. The lock file is truncated and given the pid, so it is opened without
+    following a link (`checkpoint.open_regular`): a `.lock` planted as a link, a FIFO or a folder is refused."""
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, ".lock")
         self.fd = None
         if fcntl is None:
             return
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise UserError(f"cannot write in the run folder '{run_dir}': {err.strerror or err}") from None
+        self.fd = checkpoint.open_regular(self.path, os.O_RDWR | os.O_CREAT, "lock file", 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -164,20 +163,43 @@ class ResultsFile:
 
 
 def read_results(run_dir: str, name: str = "results") -> dict | None:
-    """<run folder>/<name>.json (None when there is none yet), checked to be what `ResultsFile` writes."""
+    """<run folder>/<name>.json (None when there is none yet), checked to be what `ResultsFile` writes: at most
+    64 MiB (a run of a hundred tasks writes a few MB) and 32 levels deep (it writes 6; json.load and the pure-Python
+    encoder that rewrites it recurse), with a list of runs. Anything else is one line naming the file."""
     path = os.path.join(run_dir, f"{name}.json")
     if not os.path.isfile(path):
         return None
+    limit, depth = 64 * 2**20, 32
     try:
         with open(path, encoding="utf-8") as f:
-            content = json.load(f)
+            if os.fstat(f.fileno()).st_size > limit:
+                raise ValueError(f"larger than {limit // 2**20} MiB")
+            try:
+                content = json.load(f)
+            except RecursionError:
+                raise ValueError(f"nested deeper than {depth} levels") from None
         runs = content["runs"]
         if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("seed"), int)
                                                  and isinstance(r.get("tasks"), list) for r in runs):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"'{path}' is corrupt; remove it to resume from the checkpoints") from None
-    return content
+            raise TypeError
+        pending = [(content, 1)]  # no recursion: measured from the top down
+        while pending:
+            value, level = pending.pop()
+            if level > depth:
+                raise ValueError(f"nested deeper than {depth} levels")
+            if isinstance(value, (dict, list)):
+                pending.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        why = "not JSON"
+    except ValueError as err:
+        why = str(err).split(";")[0][:120]
+    except (KeyError, TypeError):
+        why = "no list of runs with their seed and tasks"
+    except OSError as err:
+        raise UserError(f"'{path}' cannot be read: {err.strerror or err}") from None
+    else:
+        return content
+    raise UserError(f"'{path}' is corrupt ({why}); remove it to resume from the checkpoints")
 
 
 def is_finished(run_dir: str, cfg) -> bool:
@@ -188,19 +210,41 @@ def is_finished(run_dir: str, cfg) -> bool:
     return {r["seed"] for r in content["runs"] if r.get("complete")} >= set(cfg.seed)
 
 
+def _check_own_folders(run_dir: str) -> None:
+    """The folders a run creates files in (checkpoints/, tensorboard/ and its seed<S>/ folders) must be folders of
+    the run folder: one planted as a link would make the run write its files wherever it points."""
+    board = os.path.join(run_dir, "tensorboard")
+    seeds = glob.glob(os.path.join(glob.escape(board), "seed*"))
+    for path in [os.path.join(run_dir, "checkpoints"), board, *seeds]:
+        if os.path.islink(path):
+            raise UserError(f"'{path}' is a symbolic link, not a folder of the run (the run would write its files "
+                            "where it points); remove it and run again")
+
+
 class RunFolder:
     """The folder of a run and what lives as long as the run: its lock, its log and its results.json.
 
     A new run's folder is created only when `open` is first called, i.e. once the first seed to run is built
     and validated (config, dataset, backbone, method): nothing is written before. A resumed run's folder is
     locked at once, before results.json is read (another process may be rewriting it), and its config.yaml is
-    never rewritten. Only rank 0 of a distributed run writes; every rank learns the folder's name."""
+    never rewritten; once it is locked, the temporary files a killed writer left in it are removed and a link
+    planted as its checkpoints/ or tensorboard/ folder is refused. Only rank 0 of a distributed run writes; every
+    rank learns the folder's name."""
 
     def __init__(self, cfg, log_root: str = "logs", path: str | None = None):
         self.cfg, self.log_root, self.path = cfg, log_root, path
         self.resuming = path is not None
         self.lock = RunLock(path) if self.resuming and distributed.is_main() else None
-        self.seen = read_results(path) if self.resuming else None  # what an earlier part of the run recorded
+        try:
+            if self.lock is not None:
+                _check_own_folders(path)
+                for where in (path, checkpoint.folder(path)):  # under the lock: no live writer is making them
+                    checkpoint.remove_temporaries(where)
+            self.seen = read_results(path) if self.resuming else None  # what an earlier part of the run recorded
+        except BaseException:  # no `with` block will release the lock of a folder that was refused
+            if self.lock is not None:
+                self.lock.release()
+            raise
         self.results: ResultsFile | None = None
 
     def __enter__(self) -> "RunFolder":

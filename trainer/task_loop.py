@@ -13,6 +13,7 @@ import torch
 
 from datasets.scenario import DataManager
 from methods import METHODS, build_method
+from trainer import checkpoint
 from trainer.device import machine
 from trainer.engine.engine import Engine
 from trainer.evaluation import task_entry
@@ -80,6 +81,7 @@ class SeedRun:
         check_finite(self.method, self.engine, self.data, {"task": task.index, "done": True})
         entry, self.predictions = task_entry(self.method, self.engine, self.data, task, self.cfg, self.cost)
         entry["train_time_s"] = train_time
+        entry["weights_sha256"] = checkpoint.digest(self.method.state_dict(), self.method.extra_state())
         add_task(self.record, entry)
         if task.index == len(self.data.tasks) - 1:
             self.record["complete"] = True
