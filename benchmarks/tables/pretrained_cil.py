@@ -300,16 +300,19 @@ def plot(table: list[dict], path: str, environment: str) -> None:
     datasets = list(dict.fromkeys(r["dataset"] for r in table))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets) + 3, 5), sharey=True, squeeze=False)
     markers = {"imagenet": "o", "random": "x", "moco": "s"}
+    labels = list(dict.fromkeys(r["row"] for r in table))  # one colour per row, the same on every data set
+    colours = dict(zip(labels, plt.get_cmap("tab20").colors))
+    legend = {}
     for ax, dataset in zip(axes[0], datasets):
         for r in (r for r in table if r["dataset"] == dataset and r["last_acc"]["mean"] is not None):
-            ax.errorbar(r["gflops"]["mean"], r["last_acc"]["mean"], yerr=r["last_acc"]["std"] or 0,
-                        fmt=markers[r["kind"]], capsize=3, label=r["row"])
+            legend[r["row"]] = ax.errorbar(r["gflops"]["mean"], r["last_acc"]["mean"], yerr=r["last_acc"]["std"] or 0,
+                                           fmt=markers[r["kind"]], color=colours[r["row"]], capsize=3)
         ax.set_xscale("log")
         ax.set(xlabel="inference GFLOPs per image after the last task (log scale)", title=dataset, ylim=(0, 102))
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("last accuracy (%), mean ± sample std over seeds")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.legend([legend[k] for k in labels if k in legend], [k for k in labels if k in legend], loc="center right",
+               fontsize=7)
     fig.suptitle("\n".join(textwrap.wrap(environment, 150)), fontsize=8)
     fig.subplots_adjust(right=1 - 3 / (6 * len(datasets) + 3), top=0.85, wspace=0.08)
     fig.savefig(path, dpi=120)
