@@ -178,3 +178,36 @@ def test_a_fifo_in_place_of_a_checkpoint_is_refused_without_hanging(finished, tm
     line = fails(["--checkpoint_dir", run_dir], capsys)
     assert ckpt(run_dir, "seed1_latest.pt") in line and "not a regular file" in line
     assert time.perf_counter() - start < 30  # loading the config and the data included; the FIFO itself: never
+
+
+def _dag(levels: int) -> list:
+    node: list = []
+    for _ in range(levels):
+        node = [node, node]  # two references to the level below: 2**levels paths, a few bytes per level
+    return node
+
+
+def _nested(levels: int) -> list:
+    node: list = []
+    for _ in range(levels):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize("shape", [lambda: _dag(40), lambda: _nested(150)], ids=["shared-reference DAG", "deep"])
+def test_a_checkpoint_whose_lists_expand_without_bound_is_refused_at_once(shape, finished, tmp_path, capsys):
+    """weights_only pickles may share references: a small latest.pt whose record holds a 40-level DAG would hang
+    whatever walks it (the digest, the results writer), and deep nesting would be a RecursionError."""
+    import time
+
+    run_dir = rewound(finished, tmp_path)
+    _edit(ckpt(run_dir, "seed1_latest.pt"), lambda s: s["record"].__setitem__("notes", shape()))
+    assert os.path.getsize(ckpt(run_dir, "seed1_latest.pt")) < 2 * os.path.getsize(ckpt(run_dir, "seed1_task0.pt"))
+    before = files(run_dir)
+    start = time.perf_counter()
+    with pytest.raises(checkpoint.UserError, match="is refused: it holds"):
+        checkpoint.load(ckpt(run_dir, "seed1_latest.pt"))
+    assert time.perf_counter() - start < 2
+    line = fails(["--checkpoint_dir", run_dir], capsys)
+    assert ckpt(run_dir, "seed1_latest.pt") in line and "refused" in line
+    assert files(run_dir) == before

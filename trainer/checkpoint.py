@@ -40,6 +40,7 @@ from trainer.seed import rng_state, set_rng_state
 
 from utils.config import RUNTIME_KEYS
 from utils.registry import UserError
+from utils.safe_pickle import check_structure
 
 VERSION = 1
 _UMASK = os.umask(0)
@@ -210,12 +211,26 @@ def load(path: str) -> dict:
     except Exception as err:  # truncated (no zip directory, the pickle cut short), or not a checkpoint at all
         raise UnreadableCheckpoint(f"checkpoint '{path}' cannot be read ({type(err).__name__}); it is truncated, "
                                    "corrupt or not a checkpoint of this framework") from None
+    why = check_structure(data, _EXPANDED_BYTES, _tensor_or_value)
+    if why:  # weights-only pickles share references too: a 1 KB DAG would hang whatever walks the record
+        raise UserError(f"checkpoint '{path}' is refused: it holds {why}, which no checkpoint of this framework "
+                        "holds; remove it or restore the original")
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise UserError(f"checkpoint '{path}' is not a version-{VERSION} checkpoint of this framework")
     missing = [k for k in ("config", "seed", "position", "method", "extra", "rng", "record") if k not in data]
     if missing:
         raise UserError(f"checkpoint '{path}' lacks the key '{missing[0]}' every checkpoint of this framework holds")
     return data
+
+
+#: the bytes of strings a checkpoint's lists and dicts may expand to (tensors count nothing: their storage is read)
+_EXPANDED_BYTES = 1 << 30
+
+
+def _tensor_or_value(obj) -> int:
+    """What a non-container in a checkpoint stands for in `check_structure`: a string its length, the rest nothing
+    (weights_only admits only tensors, numbers and a few torch types)."""
+    return len(obj) if isinstance(obj, (str, bytes)) else 0
 
 
 def _refusal(err: pickle.UnpicklingError) -> str:

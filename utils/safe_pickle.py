@@ -221,8 +221,10 @@ def _leaf(obj) -> int | str:
     return f"a {type(obj).__module__}.{type(obj).__qualname__} object"
 
 
-def _check_plain(root, byte_limit: int) -> str | None:
-    """What in `root` is not plain data or expands beyond the limits (None when nothing is).
+def check_structure(root, byte_limit: int, leaf=_leaf) -> str | None:
+    """What in `root` is not plain data (`leaf`: the bytes an object that is no list, tuple or dict stands for, or
+    why it is refused) or expands beyond the limits (None when nothing is). Also the check of what torch's
+    weights-only loader returns (trainer/checkpoint.py), whose lists and dicts may share references as well.
 
     An iterative walk that measures each container once: its expansion (items, bytes, height) is kept by id (the
     objects stay alive meanwhile, inside `root`) and added wherever the container is referenced again."""
@@ -233,7 +235,7 @@ def _check_plain(root, byte_limit: int) -> str | None:
     def visit(obj):
         """obj's (items, bytes, height) when known now; None once a container is entered; a str when refused."""
         if not isinstance(obj, _CONTAINERS):
-            size = _leaf(obj)
+            size = leaf(obj)
             return size if isinstance(size, str) else (0, size, 0)
         known = expansion.get(id(obj))
         if known is not None:
@@ -302,7 +304,7 @@ def _load(file, source: str, encoding: str, size: int):
     except Exception as err:  # noqa: BLE001 - truncated or not a pickle at all: the file cannot be used
         detail = str(err).splitlines()[0][:200] if str(err) else "truncated"
         raise UserError(f"'{source}' cannot be read as a pickled data file ({type(err).__name__}: {detail})") from None
-    why = _check_plain(obj, max_bytes(size))
+    why = check_structure(obj, max_bytes(size))
     if why:
         raise UserError(f"'{source}' is refused: it holds {why}, which a plain data file never holds")
     return obj
