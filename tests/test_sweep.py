@@ -1,0 +1,194 @@
+"""Sweeps (trainer/sweep.py): a tiny grid through the local launcher and through submitit's local executor, run
+again (nothing retrained) and after an interruption (the interrupted point resumes to the uninterrupted numbers);
+the summary chooses by validation accuracy only; bad sweep files are one line, exit 2, nothing written."""
+import json
+import os
+import shutil
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from trainer import sweep
+from trainer.config_loader import load_config
+from methods import method_config
+
+DIGITS = os.path.join(ROOT, "options", "finetune_il", "digits.yaml")
+FIXED = {"device": "cpu", "epochs": 1, "init_epochs": 1, "init_cls": 5, "increment": 5, "img_size": 8}
+
+
+def write_sweep(path, log_root, configs, **extra):
+    data = {"configs": [str(c) for c in configs], "fixed": FIXED, "log_root": str(log_root), **extra}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def results_files(log_root) -> dict[str, float]:
+    """Every results.json under the sweep's runs/ with its mtime."""
+    out = {}
+    for folder, _, names in os.walk(os.path.join(str(log_root), "runs")):
+        if "results.json" in names:
+            out[folder] = os.stat(os.path.join(folder, "results.json")).st_mtime_ns
+    return out
+
+
+def numbers(run_dir) -> list:
+    with open(os.path.join(run_dir, "results.json")) as f:
+        runs = json.load(f)["runs"]
+    return [(r["seed"], r["complete"], [t["acc"] for t in r["tasks"]], [t["acc_per_task"] for t in r["tasks"]])
+            for r in runs]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """2 configs x 2 learning rates x 2 seeds through the local launcher, 2 jobs at once."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    other = tmp / "other" / "digits.yaml"  # a second base config: the same method with another memory
+    other.parent.mkdir()
+    config = yaml.safe_load(open(DIGITS))
+    config["basic"]["memory_size"] = 100
+    other.write_text(yaml.safe_dump(config))
+    path = write_sweep(tmp / "grid.yaml", tmp / "logs", [DIGITS, other], grid={"lrate": [0.02, 0.05]}, seeds=[1, 2])
+    code = sweep.cli([path, "--jobs", "2"])
+    return tmp, path, code
+
+
+def test_a_grid_runs_every_point_once_and_a_second_invocation_trains_nothing(swept):
+    tmp, path, code = swept
+    assert code == 0
+    rows, _ = sweep.summarize_sweep(sweep.load_sweep(path))
+    assert len(rows) == 4 and all(r["state"] == "finished" and r["seeds"] == 2 for r in rows)
+    assert {r["point"] for r in rows} == {"lrate=0.02", "lrate=0.05"}
+    assert all(r["last_acc"]["std"] is not None for r in rows)
+    before = results_files(tmp / "logs")
+    assert len(before) == 4
+    folders = sorted(os.path.relpath(d, tmp) for d, _, _ in os.walk(tmp))
+    assert sweep.cli([path, "--jobs", "2"]) == 0
+    assert results_files(tmp / "logs") == before, "no run is trained again"
+    assert sorted(os.path.relpath(d, tmp) for d, _, _ in os.walk(tmp)) == folders, "no new folder"
+    with open(os.path.join(tmp, "logs", "summary.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 4
+
+
+def test_an_interrupted_point_resumes_to_the_uninterrupted_numbers(swept, tmp_path):
+    """The sweep as a crash leaves it: one point finished, the other stopped after task 0 of seed 2 (latest.pt of
+    task 0, results.json of that moment). Running it again trains only the rest of that point."""
+    tmp, _, _ = swept
+    shutil.copytree(tmp / "logs", tmp_path / "logs")
+    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.02, 0.05]},
+                       seeds=[1, 2])
+    points = sweep.load_sweep(path).points
+    shutil.rmtree(tmp_path / "logs" / "runs" / "other_digits")
+    done, cut = (p.folder() for p in points)
+    expected = numbers(cut)
+    checkpoints = os.path.join(cut, "checkpoints")
+    shutil.copy(os.path.join(checkpoints, "seed2_task0.pt"), os.path.join(checkpoints, "seed2_latest.pt"))
+    os.remove(os.path.join(checkpoints, "seed2_task1.pt"))
+    with open(os.path.join(cut, "results.json")) as f:
+        results = json.load(f)
+    results["runs"][1] = dict(results["runs"][1], tasks=results["runs"][1]["tasks"][:1], complete=False)
+    results["summary"] = {}
+    with open(os.path.join(cut, "results.json"), "w") as f:
+        json.dump(results, f)
+    assert [sweep.state(p)[0] for p in points] == ["finished", "interrupted"]
+    assert sweep.command(points[1], sweep.load_sweep(path)) == ["--checkpoint_dir", cut]
+    before = results_files(tmp_path / "logs")
+
+    assert sweep.cli([path, "--jobs", "2"]) == 0
+    after = results_files(tmp_path / "logs")
+    assert set(after) == set(before), "resumed in its own folder, no new run"
+    assert after[done] == before[done], "the finished point is not trained again"
+    assert numbers(cut) == expected
+    assert [sweep.state(p)[0] for p in points] == ["finished", "finished"]
+
+
+def test_the_submitit_local_executor_runs_the_sweep(tmp_path):
+    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.02, 0.05]},
+                       seeds=[1], slurm={"partition": "none", "time_min": 10, "cpus_per_task": 1})
+    assert sweep.cli([path, "--launcher", "local_submitit"]) == 0
+    rows, _ = sweep.summarize_sweep(sweep.load_sweep(path))
+    assert [(r["point"], r["state"], r["seeds"]) for r in rows] == [("lrate=0.02", "finished", 1),
+                                                                    ("lrate=0.05", "finished", 1)]
+    assert os.listdir(tmp_path / "logs" / "submitit")
+
+
+def _fake_results(point, vals, tests):
+    """A finished results.json for `point` written by hand: one complete record per seed, final val_acc `vals`
+    (None: not recorded) and last test accuracy `tests`."""
+    folder = os.path.join(point.runs_root, "finetune_il", "digits", "resnet32_b5i5", point.note)
+    os.makedirs(folder)
+    runs = []
+    for seed, val, test in zip(point.cfg.seed, vals, tests):
+        task = {"acc": test, "gflops": 0.004, **({"val_acc": val} if val is not None else {})}
+        runs.append({"seed": seed, "complete": True, "tasks": [task], "last_acc": test, "avg_incremental_acc": test})
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"config": point.cfg.to_dict(), "runs": runs, "summary": {"last_acc": {"mean": 0}}}, f)
+
+
+def test_the_best_point_is_chosen_by_validation_accuracy_never_by_test_accuracy(tmp_path):
+    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.01, 0.02, 0.03]},
+                       seeds=[1, 2])
+    points = sweep.load_sweep(path).points
+    _fake_results(points[0], [60.0, 62.0], [90.0, 92.0])  # the best test accuracy
+    _fake_results(points[1], [70.0, 74.0], [80.0, 80.0])  # the best validation accuracy
+    _fake_results(points[2], [65.0, 65.0], [85.0, 85.0])
+    rows, best = sweep.summarize_sweep(sweep.load_sweep(path))
+    assert best[DIGITS]["point"] == "lrate=0.02"
+    assert best[DIGITS]["val_acc"]["mean"] == 72.0 and best[DIGITS]["last_acc"]["mean"] == 80.0
+    chosen = str(tmp_path / "logs" / "best_finetune_il_digits.yaml")
+    assert load_config(chosen, {}, method_config).lrate == 0.02
+    assert os.path.isfile(tmp_path / "logs" / "summary.csv")
+
+
+def test_without_validation_numbers_no_point_is_chosen(tmp_path):
+    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.01, 0.02]},
+                       seeds=[1])
+    points = sweep.load_sweep(path).points
+    _fake_results(points[0], [None], [90.0])
+    _fake_results(points[1], [None], [80.0])
+    rows, best = sweep.summarize_sweep(sweep.load_sweep(path))
+    assert isinstance(best[DIGITS], str) and "validation" in best[DIGITS]
+    assert not os.path.exists(tmp_path / "logs" / "best_finetune_il_digits.yaml")
+    assert [r["state"] for r in rows] == ["finished", "finished"]
+
+
+def test_long_points_get_distinct_plain_folder_names():
+    a, b = sweep.slug({"milestones": list(range(100)), "lrate": 0.1}), sweep.slug({"milestones": list(range(101))})
+    assert a != b and len(a.encode()) <= 200 and "/" not in a
+    assert sweep.slug({"b": 1, "a": [30, 60]}) == "a=30-60_b=1"
+
+
+@pytest.mark.parametrize("content, says", [
+    ({"configs": [DIGITS], "grid": {"lrate": [0.1]}, "gird": 1}, "gird"),
+    ({"configs": ["missing/nothing.yaml"], "grid": {"lrate": [0.1]}}, "nothing.yaml"),
+    ({"configs": [DIGITS], "grid": {}}, "empty"),
+    ({"configs": [DIGITS], "grid": {"lrate": []}}, "lrate"),
+    ({"configs": [DIGITS], "grid": {"lrat": [0.1]}}, "lrat"),
+    ({"configs": [DIGITS], "grid": {"note": ["x"]}}, "note"),
+    ({"configs": [DIGITS], "grid": {f"k{i}": list(range(100)) for i in range(10)}}, "1000"),
+    ({"configs": [DIGITS], "points": [{"lrate": 0.1}, {"lrate": 0.1}]}, "repeats"),
+])
+def test_a_bad_sweep_file_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, content, says):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**content, "log_root": str(tmp_path / "logs")}))
+    start = time.monotonic()
+    assert sweep.cli([str(path)]) == 2
+    assert time.monotonic() - start < 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0] and says in err[0]
+    assert os.listdir(tmp_path) == ["bad.yaml"]
+
+
+def test_a_folder_holding_a_run_of_other_settings_is_refused_not_mixed_in(tmp_path, capsys):
+    """The fixed overrides changed since the point ran: its folder is not taken as finished (or resumed)."""
+    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.01]}, seeds=[1])
+    (point,) = sweep.load_sweep(path).points
+    _fake_results(point, [60.0], [90.0])
+    before = sorted(os.walk(tmp_path))
+    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.01]}, seeds=[1],
+                       fixed={**FIXED, "epochs": 2})
+    assert sweep.cli([path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and point.folder() in err[0] and "epochs" in err[0]
+    assert sorted(os.walk(tmp_path)) == before
