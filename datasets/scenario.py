@@ -4,6 +4,12 @@ Labels are remapped once so that task t holds the contiguous labels [known, tota
 Class order: the dataset's own order, or with `shuffle` a permutation drawn from `class_order_seed` (default: the
 run's seed, as in the original). Datasets made of sub-datasets (`task_groups`) keep one task per group; with
 `shuffle` the group order is permuted instead and classes inside a group keep their order.
+
+Validation (`val_split` > 0): a stratified share of every class's training samples is held out
+(`validation_positions`), drawn from the run's seed on the dataset's own labels, so it depends on neither the class
+order nor the method. The held-out samples stay in the train pool (every position keeps its meaning), but
+`indices("train", ...)` leaves them out, so training, memory and class means never see them; `indices("val", ...)`
+and `dataset("val", ...)` give them (un-augmented) to the evaluation.
 """
 from __future__ import annotations
 
@@ -42,6 +48,21 @@ def split_classes(n_classes: int, init_cls: int, increment: int) -> list[int]:
     return steps
 
 
+def validation_positions(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Sorted train-pool positions held out for validation: `round(share * n)` of each class of n samples (at
+    least 1 when share > 0 and n >= 2, at most n - 1 so that every class keeps a training sample), chosen by one
+    random key per sample from `seed`'s generator (a stream of its own: the class order's draws are unchanged)."""
+    labels = np.asarray(labels)
+    if share <= 0 or not len(labels):
+        return np.zeros(0, dtype=np.int64)
+    _, label_of, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    take = np.minimum(np.maximum(np.rint(share * counts), 1), counts - 1)
+    order = np.lexsort((np.random.default_rng(seed).random(len(labels)), label_of))  # by class, then random key
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(labels)) - starts[label_of[order]]  # rank of each sample inside its class's shuffle
+    return np.sort(order[rank < take[label_of[order]]])
+
+
 class DataManager:
     def __init__(self, cfg, seed: int, single_task: bool = False):
         self.seed = seed
@@ -76,6 +97,9 @@ class DataManager:
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
         self.train_x, self.train_y = data.train_x, rank[data.train_y]
+        self.val_index = validation_positions(data.train_y, cfg.val_split, seed)
+        self._held_out = np.zeros(len(self.train_y), dtype=bool)
+        self._held_out[self.val_index] = True
         self.test_x, self.test_y = data.test_x, rank[data.test_y]
         names = data.class_names
         self.class_names = [names[c] for c in order] if names else [str(c) for c in order]
@@ -90,16 +114,25 @@ class DataManager:
         return np.repeat(np.arange(len(self.tasks)), [t.total - t.known for t in self.tasks])
 
     def indices(self, split: str, classes) -> np.ndarray:
-        """Positions of the samples of `classes` in the train or test pool."""
-        y = self.train_y if split == "train" else self.test_y
-        return np.flatnonzero(np.isin(y, np.asarray(list(classes))))
+        """Positions of the samples of `classes` in the test pool ("test") or the train pool: its training part
+        ("train": without the validation samples) or its validation part ("val")."""
+        classes = np.asarray(list(classes))
+        if split == "test":
+            return np.flatnonzero(np.isin(self.test_y, classes))
+        if split not in ("train", "val"):
+            raise ValueError(f"no split '{split}' (train, val, test)")
+        part = self._held_out if split == "val" else ~self._held_out
+        return np.flatnonzero(np.isin(self.train_y, classes) & part)
 
     def pool(self, split: str) -> Pool:
+        """The train pool ("train" and "val": the validation samples are train-pool positions) or the test pool."""
+        split = "train" if split == "val" else split
         if split not in self._pools:
             x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
             self._pools[split] = Pool(self.spec, x, y, self.img_size, self.batch_transforms)
         return self._pools[split]
 
     def dataset(self, split: str, indices: np.ndarray, augment: bool | None = None) -> PoolView:
-        """Samples of the train or test pool; `augment` defaults to True for train, False for test."""
+        """Samples of the train or test pool ("val": the train pool's validation positions); `augment` defaults to
+        True for train, False for val and test."""
         return PoolView(self.pool(split), indices, (split == "train") if augment is None else augment)

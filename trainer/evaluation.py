@@ -1,6 +1,7 @@
 """Evaluation after a task: the accuracy of every classifier `method.predict` returns (on the test data of the
 seen classes, per task and old/new), task-id accuracy for routing methods, the inference cost, and open-set
-scores. One `Engine.infer` pass serves every classifier."""
+scores. One `Engine.infer` pass serves every classifier. With `val_split` > 0, a second pass over the seen classes'
+held-out training samples (datasets/scenario.py) gives the validation accuracy; without, it costs nothing."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,10 +11,11 @@ from trainer.guards import refuse_non_finite
 from trainer.metrics import score, task_scores
 
 
-def evaluate(method, engine, data, task, cfg) -> dict:
-    """Accuracy (or mcr) of every classifier `method.predict` returns, on the test data of the seen classes."""
-    test = data.dataset("test", data.indices("test", range(task.total)))
-    scores, y = engine.infer(method.predict, test, method)
+def evaluate(method, engine, data, task, cfg, split: str = "test") -> dict:
+    """Accuracy (or mcr) of every classifier `method.predict` returns, on the test data of the seen classes (or,
+    with `split="val"`, on their validation samples)."""
+    samples = data.dataset(split, data.indices(split, range(task.total)))  # un-augmented
+    scores, y = engine.infer(method.predict, samples, method)
     refuse_non_finite(scores, f"when evaluated in task {task.index}")
     y = y.numpy()
     result = {}
@@ -57,7 +59,8 @@ def openset_scores(method, engine, data, task) -> dict | None:
 
 def task_entry(method, engine, data, task, cfg, cost) -> tuple[dict, dict | None]:
     """The results.json entry of a task (every classifier, inference cost (`cost`, a trainer.flops.InferenceCost),
-    open-set scores), and, with `save_pred_record`, the test targets and each classifier's predictions."""
+    open-set scores, with `val_split` > 0 the validation accuracy `val_acc` and its per-task row
+    `val_acc_per_task`), and, with `save_pred_record`, the test targets and each classifier's predictions."""
     result = evaluate(method, engine, data, task, cfg)
     gflops, params = cost(method, data.img_size, engine.device)
     main = result[method.record]
@@ -67,6 +70,12 @@ def task_entry(method, engine, data, task, cfg, cost) -> tuple[dict, dict | None
              "nme_acc": result["nme"]["acc"] if "nme" in result else None, "gflops": gflops, "params": params}
     if "task_id_acc" in result:
         entry["task_id_acc"] = result["task_id_acc"]
+    if cfg.val_split > 0:  # absent otherwise: a run without a validation set keeps its entries and its cost
+        entry["val_acc"], entry["val_acc_per_task"] = None, [None] * (task.index + 1)
+        if len(data.indices("val", range(task.total))):  # none when every seen class has a single sample
+            val = evaluate(method, engine, data, task, cfg, "val")[method.record]
+            entry["val_acc"], entry["val_acc_per_task"] = _or_none(val["acc"]), [_or_none(v) for v in
+                                                                                 val["acc_per_task"]]
     if cfg.openset_test:
         entry["openset"] = openset_scores(method, engine, data, task)
     predictions = None

@@ -1,7 +1,8 @@
 """The hooks of a run (the protocol: trainer/engine/hooks.py), in the order they are called:
 
 - `EvalHook`: every `test_epoch` epochs, the accuracy on the seen classes' test data, as the metric `test_acc`;
-- `TensorBoardHook`: loss means and metrics per epoch, the accuracy on the seen classes per task;
+- `TensorBoardHook`: loss means and metrics per epoch, the accuracy on the seen classes per task (and, with
+  `val_split`, the validation accuracy);
 - `CheckpointHook`: a checkpoint every `checkpoint_every` epochs inside a task and one after every task;
 - `ResultsHook`: results.json after every task and seed, and the prediction records;
 - `LogHook`: the run log's lines (the seed's start, every epoch, every task, the seed's end).
@@ -44,7 +45,8 @@ class EvalHook(Hook):
 
 class TensorBoardHook(Hook):
     """Per seed, `<run folder>/tensorboard/seed<S>`: loss means and metrics per epoch as
-    `task<i>/<stage>/<name>`, and after the run the accuracy on the seen classes after each task."""
+    `task<i>/<stage>/<name>`, and after the run the accuracy on the seen classes after each task (`acc/seen_classes`)
+    and, where the run holds out a validation set, the validation accuracy (`val_acc/seen_classes`)."""
 
     def __init__(self, run_dir: str):
         self.run_dir, self.writer = run_dir, None
@@ -61,6 +63,8 @@ class TensorBoardHook(Hook):
     def after_run(self, run) -> None:
         for i, t in enumerate(run.record["tasks"]):
             self.writer.add_scalar("acc/seen_classes", t["acc"], i)
+            if t.get("val_acc") is not None:
+                self.writer.add_scalar("val_acc/seen_classes", t["val_acc"], i)
         self.writer.close()
 
 

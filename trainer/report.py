@@ -9,8 +9,10 @@ import numpy as np
 
 from trainer.checkpoint import atomic_write
 
-COLUMNS = ("seed", "task", "classes_seen", "acc", "nme_acc", "old_acc", "new_acc", "task_id_acc", "gflops", "params",
-           "train_time_s")
+#: One row per seed and task; a value a run does not record (`task_id_acc` of a method that does not route,
+#: `val_acc` without `val_split`) is an empty cell.
+COLUMNS = ("seed", "task", "classes_seen", "acc", "val_acc", "nme_acc", "old_acc", "new_acc", "task_id_acc", "gflops",
+           "params", "train_time_s")
 
 
 def write_csv(results: dict, path: str) -> None:

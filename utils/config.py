@@ -130,6 +130,10 @@ class GlobalConfig:
     class_order_seed: Optional[int] = key(None, "seed of the shuffled class order (default: the run's seed)",
                                           range=SEED_RANGE)
     split_dataset: bool = key(True, "split classes into tasks; false: one task with every class")
+    val_split: float = key(0.0, "hold out this share of each class's training samples (stratified, seeded by the "
+                                "run's seed; at least 1 of a class of 2 or more) as a validation set: each task "
+                                "then also records val_acc on the seen classes' held-out samples; memory and class "
+                                "means see only the rest (0: no validation set)", range="[0, 1)")
     init_cls: Optional[int] = key(None, "classes in the first task (default: increment)", range=POSITIVE)
     train_list: Optional[str] = key(None, "skin8: list file of '<relative path> <label>' training lines (default: "
                                     "ISIC2019/skin8_train_500.txt if present, else a split of the ground-truth CSV)")
