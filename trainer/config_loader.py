@@ -175,6 +175,19 @@ def load_yaml(text: str, where: str):
         loader.dispose()
 
 
+def read_bounded(path: str, what: str, usual: str) -> bytes:
+    """The bytes of the small text file `path` (a config or sweep file), at most MAX_FILE_BYTES: a larger file is a
+    one-line error saying what such a file usually is (`usual`), so a wrong file is never read whole."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise UserError(f"{what} '{path}' cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise UserError(f"{what} '{path}' is larger than {MAX_FILE_BYTES // 1024} KiB; {usual}")
+    return raw
+
+
 def _read_yaml(path: str) -> dict:
     if os.path.isdir(path):
         raise UserError(f"config file '{path}' is a folder; give a .yaml file such as "
@@ -183,14 +196,7 @@ def _read_yaml(path: str) -> dict:
         raise UserError(f"config file '{path}' does not exist")
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' is not a regular file; give a .yaml file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as err:
-        raise UserError(f"config file '{path}' cannot be read: {err.strerror or err}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise UserError(f"config file '{path}' is larger than {MAX_FILE_BYTES // 1024} KiB; a config is a few KB "
-                        "(is it the right file?)")
+    raw = read_bounded(path, "config file", "a config is a few KB (is it the right file?)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

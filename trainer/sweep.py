@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from trainer.config_loader import MAX_FILE_BYTES, load_yaml
+from trainer.config_loader import load_yaml, read_bounded
 from trainer.metrics import format_mean_std, mean_std
 from utils.registry import UserError, shorten
 
@@ -132,14 +132,7 @@ def _read_sweep_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"sweep file '{path}' " + ("is not a regular file" if os.path.exists(path) else
                                                     "does not exist") + "; give a .yaml file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as err:
-        raise UserError(f"sweep file '{path}' cannot be read: {err.strerror or err}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise UserError(f"sweep file '{path}' is larger than {MAX_FILE_BYTES // 1024} KiB; a sweep file is a few "
-                        "lines")
+    raw = read_bounded(path, "sweep file", "a sweep file is a few lines")
     try:
         data = load_yaml(raw.decode("utf-8"), path)
     except (UnicodeDecodeError, yaml.YAMLError) as err:
