@@ -19,7 +19,7 @@ FIXED = {"device": "cpu", "epochs": 1, "init_epochs": 1, "init_cls": 5, "increme
 
 
 def write_sweep(path, log_root, configs, **extra):
-    data = {"configs": [str(c) for c in configs], "fixed": FIXED, "log_root": str(log_root), **extra}
+    data = {"configs": [c if isinstance(c, dict) else str(c) for c in configs], "fixed": FIXED, "log_root": str(log_root), **extra}
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
@@ -168,6 +168,12 @@ def test_long_points_get_distinct_plain_folder_names():
     ({"configs": [DIGITS], "grid": {"note": ["x"]}}, "note"),
     ({"configs": [DIGITS], "grid": {f"k{i}": list(range(100)) for i in range(10)}}, "1000"),
     ({"configs": [DIGITS], "points": [{"lrate": 0.1}, {"lrate": 0.1}]}, "repeats"),
+    ({"configs": [{"config": DIGITS, "gird": {"lrate": [0.1]}}], "grid": {"lrate": [0.1]}}, "gird"),
+    ({"configs": [{"config": DIGITS}]}, "no points"),
+    ({"configs": [{"config": DIGITS, "points": [{}], "fixed": {"epochs_bias": 2}}]}, "epochs_bias"),
+    ({"configs": [{"config": DIGITS, "points": [{}], "fixed": {"memory_size": 0}}, DIGITS], "points": [{}]},
+     "repeats"),
+    ({"configs": [{"grid": {"lrate": [0.1]}}]}, "config"),
 ])
 def test_a_bad_sweep_file_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, content, says):
     path = tmp_path / "bad.yaml"
@@ -178,6 +184,23 @@ def test_a_bad_sweep_file_is_one_line_exit_2_and_nothing_written(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0] and says in err[0]
     assert os.listdir(tmp_path) == ["bad.yaml"]
+
+
+def test_each_config_entry_takes_its_own_points_and_adds_its_fixed_to_the_sweeps(tmp_path):
+    """A table of methods in one file: bic over its own grid, finetune_il as it is with no memory, both with the
+    sweep's fixed budget."""
+    bic = os.path.join(ROOT, "options", "bic", "digits.yaml")
+    path = write_sweep(tmp_path / "table.yaml", tmp_path / "logs",
+                       [{"config": bic, "grid": {"epochs_bias": [20, 100]}},
+                        {"config": DIGITS, "points": [{}], "fixed": {"memory_size": 0, "epochs": 2}}], seeds=[4])
+    points = sweep.load_sweep(path).points
+    assert [(p.group, p.note) for p in points] == [("bic_digits", "epochs_bias=20"), ("bic_digits", "epochs_bias=100"),
+                                                   ("finetune_il_digits", "default")]
+    assert [p.cfg.epochs_bias for p in points[:2]] == [20, 100]
+    assert [(p.cfg.memory_size, p.cfg.epochs, p.cfg.img_size, p.cfg.seed) for p in points] == [
+        (200, 1, 8, [4]), (200, 1, 8, [4]), (0, 2, 8, [4])]
+    assert sweep.command(points[2], sweep.load_sweep(path))[-4:] == ["--note", "default", "--log_root",
+                                                                     points[2].runs_root]
 
 
 def test_a_folder_holding_a_run_of_other_settings_is_refused_not_mixed_in(tmp_path, capsys):

@@ -10,6 +10,15 @@ A sweep file names base configs, the points to try and the seeds of each point:
     log_root: logs/sweeps/mine       # default: logs/sweeps/<sweep file stem>
     slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, cpus_per_task: 8, array_parallelism: 16}
 
+A config whose points or fixed overrides differ from the others' is a mapping in `configs` (its grid or points
+replace the sweep's; its fixed are added to the sweep's), so one file holds a table of methods, each with its own
+keys:
+
+    configs:
+      - options/icarl/digits.yaml                               # the sweep's grid and fixed
+      - {config: options/bic/digits.yaml, grid: {epochs_bias: [20, 100]}}
+      - {config: options/lwf/digits.yaml, points: [{}], fixed: {memory_size: 0}}   # {}: the config as it is
+
 Each point (a config and its overrides) is one ordinary run of main.py with all its seeds, in a run folder named
 after the point (`--note`: the sorted `key=value` pairs, the tail hashed past 200 bytes) under
 `<log_root>/runs/<config>/`. Running the sweep again skips the points that finished (results.json with a summary
@@ -55,6 +64,7 @@ from utils.registry import UserError, shorten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("configs", "grid", "points", "seeds", "fixed", "log_root", "slurm")
+ENTRY_KEYS = ("config", "grid", "points", "fixed")
 SLURM_KEYS = {"partition": "slurm_partition", "time_min": "timeout_min", "gpus_per_node": "gpus_per_node",
               "cpus_per_task": "cpus_per_task", "array_parallelism": "slurm_array_parallelism"}
 OWN_OPTIONS = ("config", "checkpoint_dir", "log_root", "seed", "note", "list", "debug", "strict", "help")
@@ -73,12 +83,15 @@ class Point:
     cfg: object  # the resolved Config, with seeds and note
     runs_root: str  # main.py's --log_root for this point
 
-    def new_run_argv(self, fixed: dict, seeds: list | None) -> list[str]:
+    fixed: dict  # overrides the point gets without being named after them
+    seeds: list | None  # None: the config's own
+
+    def new_run_argv(self) -> list[str]:
         argv = ["--config", self.config]
-        for key, value in {**fixed, **self.overrides}.items():
+        for key, value in {**self.fixed, **self.overrides}.items():
             argv += [f"--{key}", *_values(value)]
-        if seeds:
-            argv += ["--seed", *map(str, seeds)]
+        if self.seeds:
+            argv += ["--seed", *map(str, self.seeds)]
         return argv + ["--note", self.note, "--log_root", self.runs_root]
 
     def folder(self) -> str | None:
@@ -99,8 +112,6 @@ class Point:
 class Sweep:
     path: str
     points: list[Point]
-    fixed: dict
-    seeds: list | None
     log_root: str
     slurm: dict
 
@@ -146,6 +157,72 @@ def _read_sweep_file(path: str) -> dict:
     return data
 
 
+def _points(spec: dict, where: str) -> list[dict]:
+    """The points of `spec` (a sweep file or one of its config entries): its 'grid' expanded, or its 'points'."""
+    if ("grid" in spec) == ("points" in spec):
+        raise UserError(f"{where}: give either 'grid' (key: [values]) or 'points' (a list of mappings), not "
+                        + ("both" if "grid" in spec else "neither"))
+    if "grid" in spec:
+        grid = spec["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise UserError(f"{where}: 'grid' is empty; give key: [values, ...] pairs")
+        count = 1
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise UserError(f"{where}: grid key {shorten(key)} needs a non-empty list of values")
+            count *= len(values)
+            if count > MAX_POINTS:
+                raise UserError(f"{where}: the grid has more than {MAX_POINTS} points; split the sweep")
+        points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    else:
+        points = spec["points"]
+        if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
+            raise UserError(f"{where}: 'points' must be a non-empty list of key: value mappings")
+        if len(points) > MAX_POINTS:
+            raise UserError(f"{where}: more than {MAX_POINTS} points; split the sweep")
+    return points
+
+
+def _fixed(spec: dict, where: str) -> dict:
+    fixed = spec.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise UserError(f"{where}: 'fixed' must be a mapping of key: value")
+    return fixed
+
+
+def _entries(data: dict, path: str) -> list[tuple[str, list[dict], dict]]:
+    """(config file, its points, its fixed overrides) per entry of 'configs': a path takes the sweep's grid or
+    points and fixed; a mapping {config, grid | points, fixed} takes its own points (or the sweep's) and adds its
+    fixed to the sweep's."""
+    configs = data.get("configs")
+    if not isinstance(configs, list) or not configs or len(configs) > MAX_POINTS:
+        raise UserError(f"{path}: 'configs' must be a non-empty list of config files")
+    shared = _points(data, path) if "grid" in data or "points" in data else None
+    fixed = _fixed(data, path)
+    out = []
+    for entry in configs:
+        if isinstance(entry, str) and entry:
+            entry = {"config": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), str) or not entry["config"]:
+            raise UserError(f"{path}: each of 'configs' is a config file or a mapping with 'config' (a file) and "
+                            "optionally 'grid' or 'points' and 'fixed'")
+        where = f"{path}: {shorten(entry['config'])}"
+        unknown = [k for k in entry if k not in ENTRY_KEYS]
+        if unknown:
+            raise UserError(f"{where}: unknown key {shorten(unknown[0])}; a config entry has "
+                            f"{', '.join(ENTRY_KEYS)}")
+        if "grid" in entry or "points" in entry:
+            points = _points(entry, where)
+        elif shared is None:
+            raise UserError(f"{where}: no points; give the sweep or this entry a 'grid' or 'points'")
+        else:
+            points = shared
+        out.append((entry["config"], points, {**fixed, **_fixed(entry, where)}))
+    if sum(len(points) for _, points, _ in out) > MAX_POINTS:
+        raise UserError(f"{path}: more than {MAX_POINTS} points; split the sweep")
+    return out
+
+
 def load_sweep(path: str) -> Sweep:
     """The sweep file, checked and expanded into points; every point's config is resolved (main.py's own
     loader), so a bad key, value or config file is a one-line error naming the sweep file before anything runs."""
@@ -155,38 +232,12 @@ def load_sweep(path: str) -> Sweep:
     from trainer.config_loader import load_config
 
     data = _read_sweep_file(path)
-    configs = data.get("configs")
-    if not isinstance(configs, list) or not configs or not all(isinstance(c, str) and c for c in configs):
-        raise UserError(f"{path}: 'configs' must be a non-empty list of config files")
-    if ("grid" in data) == ("points" in data):
-        raise UserError(f"{path}: give either 'grid' (key: [values]) or 'points' (a list of mappings), not "
-                        + ("both" if "grid" in data else "neither"))
-    if "grid" in data:
-        grid = data["grid"]
-        if not isinstance(grid, dict) or not grid:
-            raise UserError(f"{path}: 'grid' is empty; give key: [values, ...] pairs")
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise UserError(f"{path}: grid key {shorten(key)} needs a non-empty list of values")
-        count = 1
-        for values in grid.values():
-            count *= len(values)
-            if count > MAX_POINTS:
-                raise UserError(f"{path}: the grid has more than {MAX_POINTS} points; split the sweep")
-        points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-    else:
-        points = data["points"]
-        if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
-            raise UserError(f"{path}: 'points' must be a non-empty list of key: value mappings")
-        if len(points) > MAX_POINTS:
-            raise UserError(f"{path}: more than {MAX_POINTS} points; split the sweep")
-    fixed = data.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        raise UserError(f"{path}: 'fixed' must be a mapping of key: value")
-    for key in [*fixed, *(k for p in points for k in p)]:
-        if not isinstance(key, str) or key in OWN_OPTIONS:
-            raise UserError(f"{path}: {shorten(key)} cannot be swept or fixed"
-                            + (" (give seeds as 'seeds', the folder as 'log_root')" if key in OWN_OPTIONS else ""))
+    entries = _entries(data, path)
+    for _, points, fixed in entries:
+        for key in [*fixed, *(k for p in points for k in p)]:
+            if not isinstance(key, str) or key in OWN_OPTIONS:
+                raise UserError(f"{path}: {shorten(key)} cannot be swept or fixed" + (
+                    " (give seeds as 'seeds', the folder as 'log_root')" if key in OWN_OPTIONS else ""))
     seeds = data.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
@@ -202,7 +253,7 @@ def load_sweep(path: str) -> Sweep:
 
     groups: dict[str, str] = {}
     out, seen = [], {}
-    for config in configs:
+    for config, points, fixed in entries:
         config = os.path.abspath(config)
         group = re.sub(r"[^A-Za-z0-9.+\-_]", "-",
                        f"{os.path.basename(os.path.dirname(config))}_{os.path.splitext(os.path.basename(config))[0]}")
@@ -214,15 +265,15 @@ def load_sweep(path: str) -> Sweep:
             if (group, note) in seen:
                 raise UserError(f"{path}: point {shorten(overrides)} repeats point {shorten(seen[group, note])}")
             seen[group, note] = overrides
-            point = Point(config, group, dict(overrides), note, None, os.path.join(log_root, "runs", group))
-            argv = point.new_run_argv(fixed, seeds)
+            point = Point(config, group, dict(overrides), note, None, os.path.join(log_root, "runs", group),
+                          fixed, seeds)
             try:
-                args = parse(argv)
+                args = parse(point.new_run_argv())
                 cfg = load_config(args.config, args.overrides, method_config)
             except UserError as err:
                 raise UserError(f"{path}: point {shorten(overrides)} of {config}: {err}") from None
             out.append(dataclasses.replace(point, cfg=cfg))
-    return Sweep(path, out, fixed, seeds, log_root, slurm)
+    return Sweep(path, out, log_root, slurm)
 
 
 # ---- the state of a point ---------------------------------------------------------------------------------------
@@ -254,7 +305,7 @@ def command(point: Point, sweep: Sweep) -> list[str] | None:
         return None
     if what == "interrupted":
         return ["--checkpoint_dir", folder]
-    return point.new_run_argv(sweep.fixed, sweep.seeds)
+    return point.new_run_argv()
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
