@@ -90,3 +90,26 @@ def test_bad_checkpoint_folders_fail_in_one_line(tmp_path, capsys):
         assert main.cli(argv) == 2, argv
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert os.path.isfile(os.path.join(run_dir, "results.json")), "nothing a previous run wrote is lost"
+
+
+def test_a_checkpoint_older_than_a_key_resumes_when_the_run_keeps_its_default(tmp_path):
+    """A checkpoint written before a key existed lacks it: the key's default (what ran then) matches it; any other
+    value is another config."""
+    from methods import method_config
+    from trainer import checkpoint
+    from trainer.config_loader import load_config
+    from utils.registry import UserError
+
+    main.main([*ARGS, "--epochs", "1", "--log_root", str(tmp_path)])
+    _, run_dir = _results(tmp_path)
+    path = os.path.join(run_dir, "checkpoints", "seed1_task0.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["val_split"]
+    checkpoint.save(path, state)
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), {}, method_config)
+    assert cfg.val_split == 0.0
+    assert checkpoint.read(path, cfg, run_dir, 1, 2, task=0)["position"] == {"task": 0, "done": True}
+    with pytest.raises(UserError, match="val_split"):
+        checkpoint.read(path, cfg.replace(val_split=0.2), run_dir, 1, 2, task=0)
+    with pytest.raises(UserError, match="lrate"):
+        checkpoint.read(path, cfg.replace(lrate=0.5), run_dir, 1, 2, task=0)

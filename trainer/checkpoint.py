@@ -312,7 +312,9 @@ def read(path: str, cfg, run_dir: str, seed: int | None = None, n_tasks: int | N
     if not isinstance(saved, dict):
         _fail(path, "holds no config")
     saved = without_runtime(saved)
-    diff = [k for k in ours if k not in saved or saved[k] != ours[k]] + [k for k in saved if k not in ours]
+    # A key the checkpoint lacks was added to the framework after it was written; its default is what ran then.
+    defaults = cfg.defaults()
+    diff = [k for k in ours if saved.get(k, defaults[k]) != ours[k]] + [k for k in saved if k not in ours]
     if diff:
         k = diff[0]
         _fail(path, f"was written with another config than {os.path.join(run_dir, 'config.yaml')}: '{k}' is "

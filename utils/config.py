@@ -97,7 +97,14 @@ class GlobalConfig:
     device: str = key("auto", "auto (CUDA if present, else CPU), cpu, 0, cuda:1")
     seed: list[int] = key([1993], "seeds, each a full run; results report mean and std", range=SEED_RANGE)
     note: Optional[str] = key(None, "name of the run folder (a plain folder name; default: a timestamp)")
-    logger_type: Optional[str] = key(None, "'tensorboard' for TensorBoard scalars, or none", ("tensorboard", "none"))
+    logger_type: Optional[str] = key(None, "'tensorboard' for TensorBoard scalars, 'wandb' for a Weights & Biases "
+                                           "run per seed (pip install wandb), or none",
+                                     ("tensorboard", "wandb", "none"))
+    wandb_project: str = key("cl-pytorch", "logger_type wandb: the W&B project of the runs")
+    wandb_mode: str = key("offline", "logger_type wandb: offline (the default: the W&B runs are only written under "
+                                     "the run folder's wandb/, so a run never needs the network or a W&B login; "
+                                     "upload them later with wandb sync) or online (streamed to the W&B server); "
+                                     "WANDB_MODE=offline or disabled in the environment wins", ("offline", "online"))
     save_models: bool = key(True, "keep a checkpoint per task (false: only the latest)")
     checkpoint_every: int = key(0, "also checkpoint every N epochs inside a task (0: only after each task)",
                                 range=NON_NEGATIVE)
@@ -228,6 +235,12 @@ class Config:
         """Every key and its value: the global keys, then the method's."""
         parts = [p for p in (self.common, self.own) if p is not None]
         return {f.name: getattr(p, f.name) for p in parts for f in dataclasses.fields(p)}
+
+    def defaults(self) -> dict:
+        """Every key and its default value."""
+        parts = [p for p in (self.common, self.own) if p is not None]
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for p in parts for f in dataclasses.fields(p)}
 
     def replace(self, **changes) -> "Config":
         """A copy with some keys changed (their types are not checked again)."""
