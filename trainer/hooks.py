@@ -3,17 +3,21 @@
 - `EvalHook`: every `test_epoch` epochs, the accuracy on the seen classes' test data, as the metric `test_acc`;
 - `TensorBoardHook`: loss means and metrics per epoch, the accuracy on the seen classes per task (and, with
   `val_split`, the validation accuracy);
+- `WandbHook`: the same and more (learning rate, each task's results.json numbers and accuracy-matrix row, the
+  seed's final metrics) as one Weights & Biases run per seed, offline under the run folder unless asked otherwise;
 - `CheckpointHook`: a checkpoint every `checkpoint_every` epochs inside a task and one after every task;
 - `ResultsHook`: results.json after every task and seed, and the prediction records;
 - `LogHook`: the run log's lines (the seed's start, every epoch, every task, the seed's end).
 
 Each hook owns its state; a seed's run binds them in `before_run`. The checkpoint is taken after the evaluation,
-TensorBoard sees the evaluation's metric, and the log line of an epoch shows every metric.
+TensorBoard and W&B see the evaluation's metric, and the log line of an epoch shows every metric.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 
 import numpy as np
 
@@ -23,6 +27,7 @@ from trainer.engine.hooks import EpochEnd, Hook
 from trainer.evaluation import evaluate
 from trainer.guards import check_finite
 from utils import distributed
+from utils.registry import UserError
 
 log = logging.getLogger("cl")
 
@@ -66,6 +71,143 @@ class TensorBoardHook(Hook):
             if t.get("val_acc") is not None:
                 self.writer.add_scalar("val_acc/seen_classes", t["val_acc"], i)
         self.writer.close()
+
+
+def import_wandb():
+    """The wandb module: an optional dependency, imported only when a run logs to W&B."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("logger_type wandb needs the wandb package: pip install wandb") from None
+    return wandb
+
+
+def require_logger(cfg) -> None:
+    """The package of the configured logger, checked before anything is written: a missing one is a one-line
+    error naming it."""
+    if cfg.logger_type == "wandb" and distributed.is_main():
+        import_wandb()
+
+
+def wandb_mode(cfg) -> str:
+    """`wandb_mode`, unless WANDB_MODE in the environment asks for less (offline, disabled): the network is used
+    only when both allow it."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    return env if env in ("offline", "dryrun", "disabled") else cfg.wandb_mode
+
+
+class WandbHook(Hook):
+    """Per seed, one Weights & Biases run `seed<S>` in the group named after the run folder (a run's seeds sit
+    together), its config the resolved config plus the seed. Per epoch: the loss means and metrics as
+    `<stage>/<name>` and the learning rate as `<stage>/lr`, against `epoch` (the seed's epochs so far, counted
+    across resumes), with the task index `task`; per task: `acc`, `old_acc`, `new_acc`, `nme_acc`, `val_acc`,
+    `gflops`, `params` and the accuracy on each task so far as `acc_matrix/task_<j>`, against `task`; after the
+    seed: last_acc, avg_incremental_acc, forgetting and bwt in the summary, and the accuracy matrix as the table
+    `accuracy_matrix`.
+
+    W&B writes its files under `<run folder>/wandb/`. `wandb_seed<S>.json` in the run folder keeps the W&B run's
+    id and the epoch count (rewritten after every epoch), so a resumed run continues the same W&B run and its
+    epoch axis. A W&B failure costs the logging, never the training: it becomes one warning, and the seed goes on
+    without W&B. Only rank 0 logs."""
+
+    def __init__(self, cfg, run_dir: str):
+        self.wandb = import_wandb()  # before the seed trains: a missing package is a one-line error
+        self.cfg, self.run_dir, self.wb, self.state, self.state_path = cfg, run_dir, None, {}, ""
+        self.stages: set[str] = set()  # the stages whose metrics are declared against `epoch`
+
+    def before_run(self, run) -> None:
+        if os.path.islink(os.path.join(self.run_dir, "wandb")):
+            raise UserError(f"'{os.path.join(self.run_dir, 'wandb')}' is a symbolic link, not a folder of the run "
+                            "(W&B would write its files where it points); remove it and run again")
+        self.state_path = os.path.join(self.run_dir, f"wandb_seed{run.seed}.json")
+        try:
+            if os.path.exists(self.state_path):  # an earlier part of this seed: continue its W&B run
+                with open(self.state_path, encoding="utf-8") as f:
+                    self.state = json.load(f)
+            else:
+                self.state = {"id": secrets.token_hex(8), "epoch": 0}
+                self._save_state()
+            mode = wandb_mode(self.cfg)
+            settings = self.wandb.Settings(silent=True, console="off")
+            if mode != "online":  # no system metrics or metadata (they probe cloud metadata servers), and W&B's
+                # process-wide settings offline too: else its own usage telemetry asks the W&B server
+                settings = self.wandb.Settings(mode=mode, silent=True, console="off", x_disable_stats=True,
+                                               x_disable_meta=True)
+                self.wandb.setup(settings=settings)
+            # finish_previous: closes the W&B run that a seed ended by an error (in this process) left open
+            self.wb = self.wandb.init(
+                project=self.cfg.wandb_project, group=os.path.basename(os.path.normpath(self.run_dir)),
+                name=f"seed{run.seed}", id=self.state["id"], resume="allow", dir=self.run_dir, mode=mode,
+                config={**self.cfg.to_dict(), "seed": run.seed}, reinit="finish_previous", settings=settings)
+            for axis in ("epoch", "task"):
+                self.wb.define_metric(axis)
+            for name in (*TASK_KEYS, "acc_matrix/*"):
+                self.wb.define_metric(name, step_metric="task")
+        except Exception as err:
+            self._stop(err)
+
+    def after_epoch(self, end: EpochEnd) -> None:
+        if self.wb is None:
+            return
+        try:
+            if end.stage not in self.stages:
+                self.wb.define_metric(f"{end.stage}/*", step_metric="epoch")
+                self.stages.add(end.stage)
+            self.state["epoch"] += 1
+            self._save_state()  # first: a kill between the two leaves a gap in the epoch axis, never a repeat
+            values = {**end.losses, **end.metrics, "lr": end.optimizer.param_groups[0]["lr"]}
+            self.wb.log({"epoch": self.state["epoch"], "task": end.task.index,
+                         **{f"{end.stage}/{k}": v for k, v in values.items()}})
+        except Exception as err:
+            self._stop(err)
+
+    def after_task(self, run, entry: dict) -> None:
+        if self.wb is None:
+            return
+        try:
+            row = {k: entry[k] for k in TASK_KEYS if entry.get(k) is not None}
+            row.update({f"acc_matrix/task_{j}": v for j, v in enumerate(entry["acc_per_task"]) if v is not None})
+            self.wb.log({"task": entry["task"], **row})
+        except Exception as err:
+            self._stop(err)
+
+    def after_run(self, run) -> None:
+        if self.wb is None:
+            return
+        try:
+            record = run.record
+            for k in ("last_acc", "avg_incremental_acc", "forgetting", "bwt"):
+                if record.get(k) is not None:
+                    self.wb.summary[k] = record[k]
+            matrix = record["acc_matrix"]
+            table = self.wandb.Table(columns=["after_task", *(f"task_{j}" for j in range(len(matrix)))],
+                                     data=[[i, *row] for i, row in enumerate(matrix)])
+            self.wb.log({"accuracy_matrix": table})
+            wb, self.wb = self.wb, None
+            wb.finish()
+        except Exception as err:
+            self._stop(err)
+
+    def _save_state(self) -> None:
+        checkpoint.atomic_write(self.state_path, lambda f: json.dump(self.state, f), "W&B run id", binary=False)
+
+    def _stop(self, err: Exception) -> None:
+        """Go on without W&B after `err` (one warning), closing the W&B run if one is open."""
+        log.warning(f"W&B logging stopped for this seed: {type(err).__name__}: {str(err).strip()[:300]}")
+        wb, self.wb = self.wb, None
+        if wb is not None:
+            self._finish(wb, exit_code=1)
+
+    @staticmethod
+    def _finish(wb, exit_code: int) -> None:
+        try:
+            wb.finish(exit_code=exit_code)
+        except Exception as err:  # a W&B run that cannot even be closed costs nothing else
+            log.warning(f"W&B run not closed cleanly: {type(err).__name__}: {str(err).strip()[:300]}")
+
+
+#: The numbers of a task's results.json entry that W&B plots against the task index.
+TASK_KEYS = ("acc", "old_acc", "new_acc", "nme_acc", "val_acc", "gflops", "params")
 
 
 class CheckpointHook(Hook):
@@ -163,4 +305,6 @@ def run_hooks(cfg, run_dir: str, results) -> list[Hook]:
     hooks: list[Hook] = [EvalHook(cfg.test_epoch)]
     if cfg.logger_type == "tensorboard" and distributed.is_main():
         hooks.append(TensorBoardHook(run_dir))
+    if cfg.logger_type == "wandb" and distributed.is_main():
+        hooks.append(WandbHook(cfg, run_dir))
     return [*hooks, CheckpointHook(cfg, run_dir), ResultsHook(results), LogHook()]

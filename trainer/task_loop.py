@@ -19,7 +19,7 @@ from trainer.engine.engine import Engine
 from trainer.evaluation import task_entry
 from trainer.flops import InferenceCost
 from trainer.guards import check_finite, check_memory
-from trainer.hooks import run_hooks
+from trainer.hooks import require_logger, run_hooks
 from trainer.results import RunFolder, add_task
 from trainer.resume import restore, resume_point
 from trainer.seed import set_seed
@@ -95,6 +95,7 @@ def run(cfg, device: torch.device, log_root: str = "logs", run_dir: str | None =
     Nothing is written before the config, the dataset, the backbone and the method of the first seed to run are
     validated (and, when resuming, the checkpoint it continues from); a resume never rewrites config.yaml.
     Only one process at a time works in a run folder (a lock the OS releases when the process ends)."""
+    require_logger(cfg)
     with RunFolder(cfg, log_root, run_dir) as folder:
         for seed in folder.seeds_to_run():
             seed_run = SeedRun(cfg, seed, device, folder)
