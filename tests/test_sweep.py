@@ -1,9 +1,8 @@
-"""Sweeps (trainer/sweep.py): a tiny grid through the local launcher and through submitit's local executor, run
-again (nothing retrained) and after an interruption (the interrupted point resumes to the uninterrupted numbers);
-the summary chooses by validation accuracy only; bad sweep files are one line, exit 2, nothing written."""
+"""Sweeps (trainer/sweep.py): a tiny grid through submitit's local executor; the summary chooses by validation
+accuracy only; per-config entries; bad sweep files are one line, exit 2, nothing written. The local launcher, a
+kill mid-way and the invocations after it: tests/test_sweep_kill.py."""
 import json
 import os
-import shutil
 import time
 
 import pytest
@@ -19,88 +18,10 @@ FIXED = {"device": "cpu", "epochs": 1, "init_epochs": 1, "init_cls": 5, "increme
 
 
 def write_sweep(path, log_root, configs, **extra):
-    data = {"configs": [c if isinstance(c, dict) else str(c) for c in configs], "fixed": FIXED, "log_root": str(log_root), **extra}
+    data = {"configs": [c if isinstance(c, dict) else str(c) for c in configs], "fixed": FIXED,
+            "log_root": str(log_root), **extra}
     path.write_text(yaml.safe_dump(data))
     return str(path)
-
-
-def results_files(log_root) -> dict[str, float]:
-    """Every results.json under the sweep's runs/ with its mtime."""
-    out = {}
-    for folder, _, names in os.walk(os.path.join(str(log_root), "runs")):
-        if "results.json" in names:
-            out[folder] = os.stat(os.path.join(folder, "results.json")).st_mtime_ns
-    return out
-
-
-def numbers(run_dir) -> list:
-    with open(os.path.join(run_dir, "results.json")) as f:
-        runs = json.load(f)["runs"]
-    return [(r["seed"], r["complete"], [t["acc"] for t in r["tasks"]], [t["acc_per_task"] for t in r["tasks"]])
-            for r in runs]
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """2 configs x 2 learning rates x 2 seeds through the local launcher, 2 jobs at once."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    other = tmp / "other" / "digits.yaml"  # a second base config: the same method with another memory
-    other.parent.mkdir()
-    config = yaml.safe_load(open(DIGITS))
-    config["basic"]["memory_size"] = 100
-    other.write_text(yaml.safe_dump(config))
-    path = write_sweep(tmp / "grid.yaml", tmp / "logs", [DIGITS, other], grid={"lrate": [0.02, 0.05]}, seeds=[1, 2])
-    code = sweep.cli([path, "--jobs", "2"])
-    return tmp, path, code
-
-
-def test_a_grid_runs_every_point_once_and_a_second_invocation_trains_nothing(swept):
-    tmp, path, code = swept
-    assert code == 0
-    rows, _ = sweep.summarize_sweep(sweep.load_sweep(path))
-    assert len(rows) == 4 and all(r["state"] == "finished" and r["seeds"] == 2 for r in rows)
-    assert {r["point"] for r in rows} == {"lrate=0.02", "lrate=0.05"}
-    assert all(r["last_acc"]["std"] is not None for r in rows)
-    before = results_files(tmp / "logs")
-    assert len(before) == 4
-    folders = sorted(os.path.relpath(d, tmp) for d, _, _ in os.walk(tmp))
-    assert sweep.cli([path, "--jobs", "2"]) == 0
-    assert results_files(tmp / "logs") == before, "no run is trained again"
-    assert sorted(os.path.relpath(d, tmp) for d, _, _ in os.walk(tmp)) == folders, "no new folder"
-    with open(os.path.join(tmp, "logs", "summary.csv")) as f:
-        assert len(f.read().strip().splitlines()) == 1 + 4
-
-
-def test_an_interrupted_point_resumes_to_the_uninterrupted_numbers(swept, tmp_path):
-    """The sweep as a crash leaves it: one point finished, the other stopped after task 0 of seed 2 (latest.pt of
-    task 0, results.json of that moment). Running it again trains only the rest of that point."""
-    tmp, _, _ = swept
-    shutil.copytree(tmp / "logs", tmp_path / "logs")
-    path = write_sweep(tmp_path / "grid.yaml", tmp_path / "logs", [DIGITS], grid={"lrate": [0.02, 0.05]},
-                       seeds=[1, 2])
-    points = sweep.load_sweep(path).points
-    shutil.rmtree(tmp_path / "logs" / "runs" / "other_digits")
-    done, cut = (p.folder() for p in points)
-    expected = numbers(cut)
-    checkpoints = os.path.join(cut, "checkpoints")
-    shutil.copy(os.path.join(checkpoints, "seed2_task0.pt"), os.path.join(checkpoints, "seed2_latest.pt"))
-    os.remove(os.path.join(checkpoints, "seed2_task1.pt"))
-    with open(os.path.join(cut, "results.json")) as f:
-        results = json.load(f)
-    results["runs"][1] = dict(results["runs"][1], tasks=results["runs"][1]["tasks"][:1], complete=False)
-    results["summary"] = {}
-    with open(os.path.join(cut, "results.json"), "w") as f:
-        json.dump(results, f)
-    assert [sweep.state(p)[0] for p in points] == ["finished", "interrupted"]
-    assert sweep.command(points[1], sweep.load_sweep(path)) == ["--checkpoint_dir", cut]
-    before = results_files(tmp_path / "logs")
-
-    assert sweep.cli([path, "--jobs", "2"]) == 0
-    after = results_files(tmp_path / "logs")
-    assert set(after) == set(before), "resumed in its own folder, no new run"
-    assert after[done] == before[done], "the finished point is not trained again"
-    assert numbers(cut) == expected
-    assert [sweep.state(p)[0] for p in points] == ["finished", "finished"]
 
 
 def test_the_submitit_local_executor_runs_the_sweep(tmp_path):

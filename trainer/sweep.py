@@ -28,7 +28,8 @@ settings (the fixed overrides changed) is refused instead of being mixed in.
 
 Launchers: `local` runs `--jobs N` main.py processes at once, each on cores // N threads (OMP_NUM_THREADS,
 MKL_NUM_THREADS: torch takes its thread count from them; the config has no thread key), each with its output in
-`<log_root>/jobs/<config>/<note>.log`. `slurm` submits one job array through submitit (`<log_root>/submitit/`
+`<log_root>/jobs/<config>/<note>.log`; SIGTERM or Ctrl-C to the sweep ends the runs (each keeps its last
+checkpoint: run the sweep again to resume them) and starts no more. `slurm` submits one job array through submitit (`<log_root>/submitit/`
 holds its scripts and logs) and waits for it. `local_submitit` is the same code path on submitit's local executor,
 which the tests run. NOT run against a real cluster: the sbatch script submitit writes from the `slurm:` block,
 the partition and GPU requests, array throttling, and how a job reaching its time limit ends (main.py keeps its
@@ -45,6 +46,7 @@ validation numbers it says so and picks nothing). It writes `<log_root>/summary.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -52,15 +54,17 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
 from trainer.config_loader import load_yaml, read_bounded
 from trainer.metrics import format_mean_std, mean_std
-from utils.registry import UserError, shorten
+from utils.registry import Terminated, UserError, shorten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("configs", "grid", "points", "seeds", "fixed", "log_root", "slurm")
@@ -310,41 +314,88 @@ def command(point: Point, sweep: Sweep) -> list[str] | None:
 
 # ---- launchers --------------------------------------------------------------------------------------------------
 
-def _main_py(argv: list[str], cwd: str, threads: int | None, log_path: str | None = None) -> int:
-    """One `python main.py argv` in `cwd`, on `threads` threads; its output to `log_path` (appended) or inherited."""
+def _command(argv: list[str], threads: int | None) -> tuple[list[str], dict]:
+    """`python main.py argv` and its environment, on `threads` threads."""
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *argv]
-    if log_path is None:
-        return subprocess.run(cmd, cwd=cwd, env=env).returncode
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        return subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return [sys.executable, os.path.join(ROOT, "main.py"), *argv], env
+
+
+class Children:
+    """The main.py processes of a local sweep, each in a session of its own. SIGTERM or Ctrl-C to the sweep (what
+    `stop` handles) is passed on as one SIGTERM to every running process, which ends it keeping its last
+    checkpoint, and no further process is started: running the sweep again resumes them."""
+
+    def __init__(self):
+        self.lock, self.running, self.stopped = threading.Lock(), set(), None
+
+    def run(self, cmd: list[str], log_path: str, **kwargs) -> int | None:
+        """`cmd` with its output appended to `log_path`; its exit status, None if the sweep is stopping."""
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            with self.lock:
+                if self.stopped is not None:
+                    return None
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        **kwargs)
+                self.running.add(proc)
+            try:
+                return proc.wait()
+            finally:
+                with self.lock:
+                    self.running.discard(proc)
+
+    def stop(self, signum, frame) -> None:
+        with self.lock:
+            if self.stopped is None:
+                self.stopped = signum
+                for proc in self.running:
+                    proc.send_signal(signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def signals(self):
+        """`stop` handles SIGTERM and SIGINT while the block runs (from the main thread: where Python runs
+        handlers); after it, `Terminated` (SIGTERM) or KeyboardInterrupt (Ctrl-C) if one came."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.stopped is not None:
+            raise Terminated if self.stopped == signal.SIGTERM else KeyboardInterrupt
 
 
 def run_point(argv: list[str], cwd: str, threads: int | None) -> int:
     """A submitit job: one main.py run (its output goes to the job's log); a failure fails the job."""
-    code = _main_py(argv, cwd, threads)
+    cmd, env = _command(argv, threads)
+    code = subprocess.run(cmd, cwd=cwd, env=env).returncode
     if code != 0:
         raise RuntimeError(f"main.py {' '.join(argv)} exited with status {code}")
     return code
 
 
 def launch_local(todo: list[tuple[Point, list[str]]], sweep: Sweep, jobs: int) -> dict[str, str]:
-    """`jobs` main.py processes at once, each on its share of the cores; returns failed points -> log file."""
+    """`jobs` main.py processes at once, each on its share of the cores; returns failed points -> log file.
+    SIGTERM or Ctrl-C ends the running ones (keeping their checkpoints) and raises Terminated / KeyboardInterrupt."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // jobs)
     cwd = os.getcwd()
+    children = Children()
 
     def one(item):
         point, argv = item
         log_path = os.path.join(sweep.log_root, "jobs", point.group, f"{point.note}.log")
-        return point, log_path, _main_py(argv, cwd, threads, log_path)
+        cmd, env = _command(argv, threads)
+        return point, log_path, children.run(cmd, log_path, cwd=cwd, env=env)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with children.signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
         done = list(pool.map(one, todo))
     return {f"{p.group}/{p.note}": log for p, log, code in done if code != 0}
 
@@ -506,12 +557,21 @@ def main(argv: list[str]) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main() with a user error as one line on stderr and exit status 2."""
+    """main() with a user error as one line on stderr and exit status 2; SIGTERM or Ctrl-C as one line and exit
+    status 143 resp. 130, once the runs it started have ended keeping their last checkpoints."""
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM): the runs it started keep their last checkpoints; run the sweep again to resume "
+              "them", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("interrupted: the runs it started keep their last checkpoints; run the sweep again to resume them",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
