@@ -1,7 +1,7 @@
-"""A sweep killed for real (trainer/sweep.py): 2 configs x 2 learning rates x 2 seeds through the local launcher,
-sent SIGTERM mid-way (it ends the main.py runs it started, each keeping its last checkpoint), then run again. The second invocation
-finishes every point, the interrupted points with the numbers of an uninterrupted run, and trains nothing twice:
-no task checkpoint written before the kill is written again, finished points are left alone, no run folder is
+"""A sweep killed for real (trainer/sweep.py): 2 configs x 2 learning rates x 2 seeds through the local launcher, sent
+SIGTERM mid-way (it ends the main.py runs it started, each keeping its last checkpoint), then run again. The second
+invocation finishes every point, the interrupted points with the numbers of an uninterrupted run, and trains nothing
+twice: no task checkpoint written before the kill is written again, finished points are left alone, no run folder is
 added and no temporary file is left. A third invocation finds every point finished and trains nothing."""
 import glob
 import hashlib
@@ -143,7 +143,8 @@ def kill_and_run_again(tmp) -> dict:
         torch.set_num_threads(threads)
     print(f"\nkilled after {killed_after:.1f} s, second invocation {second_s:.1f} s, reference of {len(ref)} "
           f"point(s) {time.monotonic() - start:.1f} s")
-    return dict(path=str(path), points=points, code=code, before=before, folders=folders, states=states, second=second, reference=ref)
+    return dict(path=str(path), points=points, code=code, before=before, folders=folders, states=states,
+                second=second, reference=ref)
 
 
 def test_a_sweep_killed_mid_way_resumes_to_the_same_numbers_and_trains_nothing_twice(tmp_path):

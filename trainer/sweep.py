@@ -28,14 +28,14 @@ settings (the fixed overrides changed) is refused instead of being mixed in.
 
 Launchers: `local` runs `--jobs N` main.py processes at once, each on cores // N threads (OMP_NUM_THREADS,
 MKL_NUM_THREADS: torch takes its thread count from them; the config has no thread key), each with its output in
-`<log_root>/jobs/<config>/<note>.log`; SIGTERM or Ctrl-C to the sweep ends the runs (each keeps its last
-checkpoint: run the sweep again to resume them) and starts no more. `slurm` submits one job array through submitit (`<log_root>/submitit/`
-holds its scripts and logs) and waits for it. `local_submitit` is the same code path on submitit's local executor,
-which the tests run. NOT run against a real cluster: the sbatch script submitit writes from the `slurm:` block,
-the partition and GPU requests, array throttling, and how a job reaching its time limit ends (main.py keeps its
-last checkpoint on SIGTERM, so running the sweep again resumes it; there is no automatic requeue). `time_min`
-defaults to 60. A point whose run fails is named on stderr with where its output is, and the exit status is 1;
-a bad sweep file is one line and exit status 2, before anything is written.
+`<log_root>/jobs/<config>/<note>.log`; SIGTERM or Ctrl-C to the sweep ends the runs (each keeps its last checkpoint:
+run the sweep again to resume them) and starts no more. `slurm` submits one job array through submitit
+(`<log_root>/submitit/` holds its scripts and logs) and waits for it. `local_submitit` is the same code path on
+submitit's local executor, which the tests run. NOT run against a real cluster: the sbatch script submitit writes
+from the `slurm:` block, the partition and GPU requests, array throttling, and how a job reaching its time limit
+ends (main.py keeps its last checkpoint on SIGTERM, so running the sweep again resumes it; there is no automatic
+requeue). `time_min` defaults to 60. A point whose run fails is named on stderr with where its output is, and the
+exit status is 1; a bad sweep file is one line and exit status 2, before anything is written.
 
 The summary (printed at the end, or alone with `--summary`) gives each point's mean ± sample std over seeds of the
 last and average incremental accuracy and, when the runs recorded one (`val_split`), of the final validation
@@ -86,7 +86,6 @@ class Point:
     note: str
     cfg: object  # the resolved Config, with seeds and note
     runs_root: str  # main.py's --log_root for this point
-
     fixed: dict  # overrides the point gets without being named after them
     seeds: list | None  # None: the config's own
 

@@ -257,13 +257,14 @@ def tuning_section(tuning: sweeps.Sweep, rows: list[dict], best: dict) -> list[s
              "(`val_split`, stratified and seeded); the point of highest mean final validation accuracy (on the "
              "held-out samples of every class, after the last task) is the one the table runs, on seeds 1 2 3, "
              "trained on the whole training set; a point whose run could not finish (its loss or weights became "
-             "non-finite) is not chosen, and a tie goes to the point listed first. Test accuracy chooses nothing: the tuning runs' test numbers are "
-             "in their results.json but not used. Every other row runs its yaml's values, for which neither the yamls "
-             "nor the commits record a choice made by looking at test accuracies, with one kind of exception: two "
-             "deviations of the original's code were measured on seeds 1 2 3 (PODNet's proxy similarity, ACL's "
-             "stage-2 heads; their yamls give the numbers) and the paper's or the original's setting kept whatever "
-             "the result. EWC's CE over the new classes only (`ce_classes: new`) was chosen on one run's test "
-             "accuracy (seed 1993) and is not re-tuned here. The prompt methods are not tuned.", "",
+             "non-finite) is not chosen, and a tie goes to the point listed first. Test accuracy chooses nothing: "
+             "the tuning runs' test numbers are in their results.json but not used. Every other row runs its yaml's "
+             "values, for which neither the yamls nor the commits record a choice made by looking at test "
+             "accuracies, with one kind of exception: two deviations of the original's code were measured on "
+             "seeds 1 2 3 (PODNet's proxy similarity, ACL's stage-2 heads; their yamls give the numbers) and the "
+             "paper's or the original's setting kept whatever the result. EWC's CE over the new classes only "
+             "(`ce_classes: new`) was chosen on one run's test accuracy (seed 1993) and is not re-tuned here. The "
+             "prompt methods are not tuned.", "",
              "| method | point | final val acc (seeds 101 102) | chosen |", "|---|---|---|---|"]
     for r in rows:
         chosen = best.get(r["config"])
