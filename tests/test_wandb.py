@@ -182,3 +182,38 @@ def test_the_environment_can_only_take_wandb_offline(monkeypatch):
         assert wandb_mode(online) == env
     monkeypatch.setenv("WANDB_MODE", "online")
     assert wandb_mode(_cfg()) == "offline"
+
+
+@pytest.mark.parametrize("content", ["fifo", "link", '{"id": "../../../escaped", "epoch": 0}',
+                                     '{"id": "0123456789abcdef", "epoch": -1}', "x" * 5000, "[1, 2]"],
+                         ids=["fifo", "link", "escaping-id", "negative-count", "huge", "foreign"])
+def test_a_hostile_id_file_costs_the_logging_and_nothing_else(tmp_path, monkeypatch, content):
+    """wandb_seed<S>.json as someone else left it: a FIFO (must not block), a link (not followed), an id that
+    would name a folder outside the run folder, a bad count, a huge or foreign file. W&B is not started with it,
+    the file is left as it is, and the seed goes on without W&B."""
+    import threading
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "wandb_seed1.json"
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"id": "0123456789abcdef", "epoch": 0}')
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content == "link":
+        path.symlink_to(target)
+    else:
+        path.write_text(content)
+    hook = WandbHook(_cfg("--logger_type", "wandb"), str(run_dir))
+    worker = threading.Thread(target=hook.before_run, args=(SimpleNamespace(seed=1),), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "reading the id file blocked"
+    assert hook.wb is None and calls == []
+    assert set(os.listdir(tmp_path)) <= {"run", "elsewhere.json", "wandb_home"}
+    assert os.listdir(run_dir) == ["wandb_seed1.json"]
+    assert target.read_text() == '{"id": "0123456789abcdef", "epoch": 0}'
+    if content not in ("fifo", "link"):
+        assert path.read_text() == content

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 
 import numpy as np
@@ -121,9 +122,8 @@ class WandbHook(Hook):
                             "(W&B would write its files where it points); remove it and run again")
         self.state_path = os.path.join(self.run_dir, f"wandb_seed{run.seed}.json")
         try:
-            if os.path.exists(self.state_path):  # an earlier part of this seed: continue its W&B run
-                with open(self.state_path, encoding="utf-8") as f:
-                    self.state = json.load(f)
+            if os.path.lexists(self.state_path):  # an earlier part of this seed: continue its W&B run
+                self.state = self._read_state()
             else:
                 self.state = {"id": secrets.token_hex(8), "epoch": 0}
                 self._save_state()
@@ -187,6 +187,24 @@ class WandbHook(Hook):
             wb.finish()
         except Exception as err:
             self._stop(err)
+
+    def _read_state(self) -> dict:
+        """The W&B run id and epoch count an earlier part of this seed saved, read as a file of a run folder that
+        others may have touched: a regular file (a FIFO would block, a link point elsewhere) of at most 4 KiB,
+        holding the 16 hex digits this hook draws (the id names W&B's folder under the run folder) and a count."""
+        fd = checkpoint.open_regular(self.state_path, os.O_RDONLY, "W&B run id")
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(4097)
+        try:
+            state = json.loads(raw) if len(raw) <= 4096 else None
+        except ValueError:
+            state = None
+        if not (isinstance(state, dict) and isinstance(state.get("id"), str)
+                and re.fullmatch(r"[0-9a-f]{16}", state["id"]) and type(state.get("epoch")) is int
+                and state["epoch"] >= 0):
+            raise UserError(f"'{self.state_path}' is not a W&B run id this run saved; remove it to start a new "
+                            "W&B run for this seed")
+        return state
 
     def _save_state(self) -> None:
         checkpoint.atomic_write(self.state_path, lambda f: json.dump(self.state, f), "W&B run id", binary=False)
