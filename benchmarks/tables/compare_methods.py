@@ -94,7 +94,10 @@ def _unfinished(tuning: sweeps.Sweep, row: dict) -> str:
     """Why a tuning point did not finish: the last line of its job's output."""
     (point,) = [p for p in tuning.points if p.config == row["config"] and p.note == row["point"]]
     path = os.path.join(tuning.log_root, "jobs", point.group, f"{point.note}.log")
-    lines = open(path).read().strip().splitlines() if os.path.isfile(path) else []
+    lines = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = f.read().strip().splitlines()
     return lines[-1].split(";")[0] if lines else "not run"
 
 
