@@ -166,13 +166,19 @@ def pgm_16(path):
         f.write(b"P5\n16 16\n65535\n" + GRADIENT.astype(">u2").tobytes())
 
 
-@pytest.mark.parametrize("write, mode", [(png_16, "I;16"), (tiff_16_big_endian, "I;16B"), (pgm_16, "I")])
-def test_a_16_bit_image_is_rescaled_to_8_bits_not_saturated(write, mode, tmp_path):
+def with_first_image(write, mode, tmp_path, img_size):
+    """A skin23 folder whose first test image `write` replaced (PIL reads it in `mode`); its test pool and items."""
     FIXTURES["skin23"](str(tmp_path))
-    pool, items = pool_of("skin23", tmp_path, img_size=16, split="test")
+    pool, items = pool_of("skin23", tmp_path, img_size=img_size, split="test")
     replace(items[0], write)
     with Image.open(items[0]) as img:
         assert img.mode == mode
+    return pool, items
+
+
+@pytest.mark.parametrize("write, mode", [(png_16, "I;16"), (tiff_16_big_endian, "I;16B"), (pgm_16, "I")])
+def test_a_16_bit_image_is_rescaled_to_8_bits_not_saturated(write, mode, tmp_path):
+    pool, items = with_first_image(write, mode, tmp_path, img_size=16)
     x = sample(pool, 0)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (pool.mean, pool.std))
     eight = np.round(GRADIENT / 257.0)  # 65535 -> 255, the relative intensities kept
@@ -211,11 +217,8 @@ def cmyk(path):
 @pytest.mark.parametrize("write, mode", [(palette, "P"), (rgba, "RGBA"), (grey_alpha, "LA"), (bilevel, "1"),
                                          (cmyk, "CMYK")])
 def test_8_bit_modes_convert_as_pil_converts_them(write, mode, tmp_path):
-    FIXTURES["skin23"](str(tmp_path))
-    pool, items = pool_of("skin23", tmp_path, img_size=8, split="test")
-    replace(items[0], write)
+    pool, items = with_first_image(write, mode, tmp_path, img_size=8)
     with Image.open(items[0]) as img:
-        assert img.mode == mode
         expected = pool.transforms[False](img.convert("RGB"))
     torch.testing.assert_close(sample(pool, 0), expected, atol=0, rtol=0)
     assert dataset_check.check("skin23", str(tmp_path), workers=2).notes == []

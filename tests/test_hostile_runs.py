@@ -94,9 +94,9 @@ def test_a_planted_lock_or_log_link_stops_a_resume_in_one_line(name, finished, t
     assert files(run_dir) == before
 
 
-@pytest.mark.parametrize("name", ["checkpoints", "tensorboard", os.path.join("tensorboard", "seed1")])
+@pytest.mark.parametrize("name", ["checkpoints", "tensorboard", os.path.join("tensorboard", "seed1"), "wandb"])
 def test_a_folder_of_the_run_planted_as_a_link_is_refused(name, finished, tmp_path, capsys):
-    """checkpoints/ or tensorboard/(seed1/) as a link out of the run folder would make a resume create its files
+    """checkpoints/, tensorboard/(seed1/) or wandb/ as a link out of the run folder would make a resume create its files
     there."""
     run_dir = rewound(finished, tmp_path)
     elsewhere = tmp_path / "elsewhere"

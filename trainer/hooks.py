@@ -117,9 +117,6 @@ class WandbHook(Hook):
         self.stages: set[str] = set()  # the stages whose metrics are declared against `epoch`
 
     def before_run(self, run) -> None:
-        if os.path.islink(os.path.join(self.run_dir, "wandb")):
-            raise UserError(f"'{os.path.join(self.run_dir, 'wandb')}' is a symbolic link, not a folder of the run "
-                            "(W&B would write its files where it points); remove it and run again")
         self.state_path = os.path.join(self.run_dir, f"wandb_seed{run.seed}.json")
         try:
             if os.path.lexists(self.state_path):  # an earlier part of this seed: continue its W&B run

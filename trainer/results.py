@@ -211,11 +211,11 @@ def is_finished(run_dir: str, cfg) -> bool:
 
 
 def _check_own_folders(run_dir: str) -> None:
-    """The folders a run creates files in (checkpoints/, tensorboard/ and its seed<S>/ folders) must be folders of
-    the run folder: one planted as a link would make the run write its files wherever it points."""
+    """The folders a run creates files in (checkpoints/, tensorboard/ and its seed<S>/ folders, W&B's wandb/) must
+    be folders of the run folder: one planted as a link would make the run write its files wherever it points."""
     board = os.path.join(run_dir, "tensorboard")
     seeds = glob.glob(os.path.join(glob.escape(board), "seed*"))
-    for path in [os.path.join(run_dir, "checkpoints"), board, *seeds]:
+    for path in [os.path.join(run_dir, "checkpoints"), board, *seeds, os.path.join(run_dir, "wandb")]:
         if os.path.islink(path):
             raise UserError(f"'{path}' is a symbolic link, not a folder of the run (the run would write its files "
                             "where it points); remove it and run again")
